@@ -20,7 +20,7 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -37,9 +37,9 @@ __all__ = [
     "CA_KEY_FILE",
     "init_ca",
     "issue_certificate",
+    "load_certificate_and_key",
     "load_certificates",
     "load_private_key",
-    "load_certificate_and_key",
 ]
 
 CA_CERT_FILE = "ca.pem"
@@ -153,11 +153,17 @@ def issue_certificate(
     directory = Path(directory)
     _check_name(name)
     _check_days(days)
-    ca_cert, ca_key = load_certificate_and_key(directory / CA_CERT_FILE, directory / CA_KEY_FILE)
+    ca_cert, ca_key = load_certificate_and_key(
+        directory / CA_CERT_FILE, directory / CA_KEY_FILE, hint="`licensectl pki init ...`"
+    )
     if not isinstance(ca_key, _SIGNING_KEYS):
         raise PKIError(f"{directory / CA_KEY_FILE}: this key type cannot sign certificates")
     # EdDSA signs the whole message itself and takes no separate hash.
-    digest = None if isinstance(ca_key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)) else hashes.SHA256()
+    digest = (
+        None
+        if isinstance(ca_key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey))
+        else hashes.SHA256()
+    )
 
     key = ec.generate_private_key(ec.SECP256R1())
     public_key = key.public_key()
@@ -201,7 +207,9 @@ def issue_certificate(
     return cert_path, key_path
 
 
-def load_certificates(path: Path, *, hint: str = "`licensectl pki issue ...`") -> list[x509.Certificate]:
+def load_certificates(
+    path: Path, *, hint: str = "`licensectl pki issue ...`"
+) -> list[x509.Certificate]:
     """Read every PEM certificate in ``path``, in file order.
 
     A leaf file may carry its intermediates after it, and a trust file may
@@ -218,9 +226,7 @@ def load_certificates(path: Path, *, hint: str = "`licensectl pki issue ...`") -
     return certs
 
 
-def load_private_key(
-    path: Path, *, hint: str = "`licensectl pki issue ...`"
-) -> PrivateKeyTypes:
+def load_private_key(path: Path, *, hint: str = "`licensectl pki issue ...`") -> PrivateKeyTypes:
     """Read an unencrypted PEM private key from ``path``.
 
     Encrypted keys are refused: a server restarted by systemd at 3 a.m. has
@@ -292,7 +298,7 @@ def _check_days(days: int) -> None:
 
 def _start(now: datetime | None) -> datetime:
     if now is None:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
     return now - _BACKDATE
 
 
