@@ -168,7 +168,7 @@ class PoolSettings:
             (section, "key", server.key, pki_hint),
         ]
         if self.license is not None:
-            wanted.insert(2, ("pool", "license", self.license, "remove the key to start without"))
+            wanted.insert(2, ("pool", "license", self.license, "remove the key to start without one"))
         for section_name, key, path, hint in wanted:
             problem = _file_problem(path)
             if problem is not None:
@@ -270,6 +270,18 @@ _TIMING_KEYS = tuple(timing.name for timing in fields(Timings))
 _POOL_KEYS = ("members", "ca", "vendor_key", "license", *_TIMING_KEYS)
 _SERVER_KEYS = ("client", "peer", "http", "cert", "key", "store", "preference")
 _CLIENT_KEYS = ("cert", "key", "home", "heartbeat", "request_timeout")
+_REQUIRED = {
+    "members": "comma-separated member names such as ls1, ls2, ls3",
+    "ca": "the path of the pool CA certificate such as pki/ca.pem",
+    "vendor_key": "the path of the vendor's Ed25519 public key such as vendor.pub",
+    "client": "the host:port clients connect to, such as 127.0.0.1:7401",
+    "peer": "the host:port the other servers connect to, such as 127.0.0.1:7501",
+    "cert": "the path of a certificate signed by the pool CA, such as pki/ls1.pem",
+    "key": "the path of the certificate's private key, such as pki/ls1.key",
+    "store": "sqlite:PATH (such as sqlite:data/ls1.db) or memory:",
+    "client.cert": "the path of a client certificate signed by the pool CA, such as pki/client.pem",
+    "client.key": "the path of the client certificate's private key, such as pki/client.key",
+}
 
 
 class _PoolReader:
@@ -350,12 +362,15 @@ class _PoolReader:
                     f"expected member names of 1 to 63 letters, digits, '.', '_' or '-' "
                     f"starting with a letter or digit, separated by commas, got {name!r}",
                 )
-            if name.lower() in seen:
+            first = seen.get(name.lower())
+            if first == name:
+                raise self._error("pool", "members", f"member {name!r} is listed twice")
+            if first is not None:
                 raise self._error(
                     "pool",
                     "members",
-                    f"member {name!r} is listed twice (as {seen[name.lower()]!r}); "
-                    "names must differ even ignoring case, since they are TLS identities",
+                    f"members {first!r} and {name!r} are listed twice: names are TLS "
+                    "identities and must differ in more than upper/lower case",
                 )
             seen[name.lower()] = name
         if len(names) > MAX_MEMBERS:
@@ -468,7 +483,8 @@ class _PoolReader:
     ) -> _T:
         value = self._optional(values, section, key, parse, multiline)
         if value is None:
-            raise self._error(section, key, "missing required key")
+            expected = _REQUIRED.get(f"{section}.{key}", _REQUIRED.get(key))
+            raise self._error(section, key, f"missing required key; expected {expected}")
         return value
 
     def _optional(
