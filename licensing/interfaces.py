@@ -54,3 +54,55 @@ class ILicenseStore(Interface):
 
     def close() -> Deferred[None]:
         """Finish pending writes and release the backend; later writes fail."""
+
+
+class IPool(Interface):
+    """This server's view of the pool: who leads, and what it may issue.
+
+    A pool of one (``SoloPool``) and the replicated pool both provide it, so
+    the license server above never asks how many members there are.
+    """
+
+    role = Attribute('"leader", "follower" or "candidate"')
+    leader = Attribute("Name of the member believed to lead, or None.")
+    term = Attribute("Current leadership term (0 for a pool of one).")
+
+    def start() -> Deferred[None]:
+        """Begin taking part in the pool; fires once the server may answer requests."""
+
+    def stop() -> None:
+        """Stop every timer and link; used on shutdown and by simulated crashes."""
+
+    def check_issue(feature: object) -> None:
+        """Raise NoQuorum or NotServing if this server may not issue or renew seats
+        of ``feature`` (a ``licensing.license.Feature``) right now."""
+
+    def allocation(feature: str) -> int:
+        """How many seats of ``feature`` this server may have in use."""
+
+    def offer_license(data: bytes) -> Deferred[int]:
+        """Hand a signed license file to the pool. Fires with the sequence
+        number installed; fails with LicenseFileError if the file is invalid,
+        or StaleLicense if a newer or equal one is installed."""
+
+    def members() -> list[dict]:
+        """One dict per member for status and Locate: name, client address,
+        role, reachable, last_contact, term, commit_index, license_sequence."""
+
+    def leases_changed() -> None:
+        """Tell the pool this server's leases changed (a status report is due)."""
+
+    def request_seats(feature: str, count: int) -> None:
+        """This server is short of ``count`` seats of ``feature``: ask the leader
+        to move free seats here (borrowing). Returns at once; the allocation
+        grows later, if at all."""
+
+    def retry_after(feature: str) -> float | None:
+        """Seconds until seats of ``feature`` tied up in an unreachable member's
+        allocation can be reclaimed, or None if none can be."""
+
+    def lease_adopted(lease: object) -> None:
+        """The leader converted a lease issued elsewhere (F8); record the move."""
+
+    def usage(feature: str) -> dict[str, dict]:
+        """Per member: {"allocation": n, "used": n} of ``feature``, as this server knows it."""

@@ -1,0 +1,140 @@
+"""AMP responders for the client listener, wrapping ``LicenseServer``.
+
+Only client commands are served here; peer commands live on the peer listener.
+Each connection is limited in how many requests it may have outstanding, so a
+misbehaving client slows itself down and nobody else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from . import commands
+from .errors import BadRequest, Busy, LicenseFileError
+from .server import Claim, LicenseServer
+
+log = Logger()
+
+MAX_OUTSTANDING = 256
+
+
+def _claims(rows: list[tuple[str, ...]] | None) -> list[Claim]:
+    claims = []
+    for row in rows or ():
+        if len(row) != 6:
+            raise BadRequest("a claim has 6 fields: lease_id, feature, version, count, user, host")
+        lease_id, feature, version, count, user, host = row
+        try:
+            n = int(count)
+        except ValueError:
+            raise BadRequest(f"claim count {count[:20]!r} is not an integer") from None
+        claims.append((lease_id, feature, version, n, user, host))
+    return claims
+
+
+class ClientLocator(amp.CommandLocator):
+    """Responders for the client wire schema (``licensing.commands``)."""
+
+    def __init__(self, server: LicenseServer, connection: ClientConnection) -> None:
+        super().__init__()
+        self.server = server
+        self.connection = connection
+
+    def _guarded(self, coro: Any) -> Deferred:
+        conn = self.connection
+        if conn.outstanding >= MAX_OUTSTANDING:
+            coro.close()
+            raise Busy(f"more than {MAX_OUTSTANDING} requests outstanding on one connection")
+        conn.outstanding += 1
+
+        def done(result: Any) -> Any:
+            conn.outstanding -= 1
+            return result
+
+        return ensureDeferred(coro).addBoth(done)
+
+    @commands.Checkout.responder
+    def checkout(self, feature, version, client_id, user, host, count):
+        async def run() -> dict:
+            lease = await self.server.checkout(feature, version, client_id, user, host, count)
+            f = self.server.license.feature(feature)
+            return {
+                "lease_id": lease.lease_id,
+                "server": lease.server,
+                "ttl": f.lease_ttl,
+                "heartbeat": self.server.heartbeat_interval(f),
+            }
+
+        return self._guarded(run())
+
+    @commands.Heartbeat.responder
+    def heartbeat(self, client_id, leases, claims=None):
+        async def run() -> dict:
+            rows = await self.server.heartbeat(client_id, leases, _claims(claims))
+            return {"statuses": rows}
+
+        return self._guarded(run())
+
+    @commands.Checkin.responder
+    def checkin(self, lease_id):
+        async def run() -> dict:
+            return {"released": await self.server.checkin(lease_id)}
+
+        return self._guarded(run())
+
+    @commands.Locate.responder
+    def locate(self):
+        server, leader, members = self.server.locate()
+        return {"server": server, "leader": leader, "members": members}
+
+    @commands.Status.responder
+    def status(self, verbose=None):
+        return {"status": self.server.status(bool(verbose))}
+
+    @commands.InstallLicense.responder
+    def install_license(self, license):
+        async def run() -> dict:
+            assert self.server.pool is not None
+            try:
+                sequence = await self.server.pool.offer_license(license)
+            except LicenseFileError as e:
+                log.warn("pushed license refused: {error}", error=str(e))
+                raise
+            return {"sequence": sequence}
+
+        return self._guarded(run())
+
+
+class ClientConnection(amp.AMP):
+    """One client program's connection."""
+
+    def __init__(self, server: LicenseServer, factory: ClientFactory) -> None:
+        self.outstanding = 0
+        self.client_factory = factory
+        super().__init__(locator=ClientLocator(server, self))
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802 - Twisted API
+        self.client_factory.connections -= 1
+        super().connectionLost(reason)
+
+
+class ClientFactory(Factory):
+    """Builds client connections, refusing new ones over ``max_connections``."""
+
+    def __init__(self, server: LicenseServer, max_connections: int = 50_000) -> None:
+        self.server = server
+        self.max_connections = max_connections
+        self.connections = 0
+
+    def buildProtocol(self, addr: Any) -> ClientConnection | None:  # noqa: N802 - Twisted API
+        if self.connections >= self.max_connections:
+            log.warn("refused a client connection from {addr}: limit {n} reached",
+                     addr=addr, n=self.max_connections)
+            return None
+        self.connections += 1
+        return ClientConnection(self.server, self)

@@ -1,0 +1,104 @@
+"""The seats this server hands out: its allocation per feature and its leases.
+
+Everything here is synchronous and in memory so that counts stay exact under
+any number of concurrent checkouts: a seat is reserved here before the store
+write starts, and given back if the write fails.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import replace
+
+from .errors import NoSeats
+from .records import Lease
+
+
+class SeatTable:
+    """Leases held by one server, checked against its allocation of each feature."""
+
+    def __init__(self) -> None:
+        self._allocation: dict[str, int] = {}
+        self._used: dict[str, int] = {}
+        self._leases: dict[str, Lease] = {}
+        self._expiry: list[tuple[float, str]] = []
+
+    def allocation(self, feature: str) -> int:
+        """How many seats of ``feature`` this server may have in use."""
+        return self._allocation.get(feature, 0)
+
+    def set_allocation(self, feature: str, seats: int) -> None:
+        """Change the allocation; leases already held stay (the pool shrinks only free seats)."""
+        self._allocation[feature] = seats
+
+    def allocations(self) -> dict[str, int]:
+        return dict(self._allocation)
+
+    def used(self, feature: str) -> int:
+        """Seats of ``feature`` held by live leases here."""
+        return self._used.get(feature, 0)
+
+    def free(self, feature: str) -> int:
+        return max(0, self.allocation(feature) - self.used(feature))
+
+    def get(self, lease_id: str) -> Lease | None:
+        return self._leases.get(lease_id)
+
+    def leases(self) -> list[Lease]:
+        return list(self._leases.values())
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def reserve(self, lease: Lease) -> None:
+        """Take the lease's seats from the allocation, or raise NoSeats."""
+        if lease.lease_id in self._leases:
+            raise ValueError(f"lease {lease.lease_id} is already held")
+        used = self.used(lease.feature)
+        if used + lease.count > self.allocation(lease.feature):
+            raise NoSeats(
+                f"all {self.allocation(lease.feature)} seats of {lease.feature!r} that this server "
+                f"may issue are in use; retry later or check in a lease"
+            )
+        self.hold(lease)
+
+    def hold(self, lease: Lease) -> None:
+        """Record a lease without checking the allocation (leases loaded from the store)."""
+        self._leases[lease.lease_id] = lease
+        self._used[lease.feature] = self.used(lease.feature) + lease.count
+        heapq.heappush(self._expiry, (lease.expires_at, lease.lease_id))
+
+    def renew(self, lease_id: str, expires_at: float) -> Lease | None:
+        """Push a held lease's expiry out; None if it is not held here."""
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            return None
+        renewed = replace(lease, expires_at=expires_at)
+        self._leases[lease_id] = renewed
+        heapq.heappush(self._expiry, (expires_at, lease_id))
+        return renewed
+
+    def release(self, lease_id: str) -> Lease | None:
+        """Drop a lease and free its seats; None if it was not held here."""
+        lease = self._leases.pop(lease_id, None)
+        if lease is not None:
+            self._used[lease.feature] -= lease.count
+        return lease
+
+    def expire(self, now: float) -> list[Lease]:
+        """Release and return every lease whose expiry is at or before ``now``.
+
+        The heap keeps stale entries for renewed leases; they are skipped by
+        comparing with the lease's current expiry, so renewal stays O(log n).
+        """
+        expired = []
+        while self._expiry and self._expiry[0][0] <= now:
+            when, lease_id = heapq.heappop(self._expiry)
+            lease = self._leases.get(lease_id)
+            if lease is not None and lease.expires_at == when:
+                self.release(lease_id)
+                expired.append(lease)
+        if len(self._expiry) > 4 * len(self._leases) + 1024:
+            self._expiry = [(lease.expires_at, lease.lease_id) for lease in self._leases.values()]
+            heapq.heapify(self._expiry)
+        return expired

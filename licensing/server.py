@@ -1,0 +1,386 @@
+"""The license server: the domain object behind the client listener and the web page.
+
+Data flows one way: the AMP responders and the web resources call into
+``LicenseServer``; it asks its pool (``IPool``) whether it may issue, takes
+seats from its ``SeatTable`` and makes every issued lease durable in its store
+before answering.
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from . import commands
+from .errors import (
+    BadRequest,
+    LicenseExpired,
+    LicenseFileError,
+    NoQuorum,
+    NoSeats,
+    NotServing,
+    StoreError,
+    UnknownFeature,
+)
+from .interfaces import ILicenseStore, IPool
+from .license import Feature, License
+from .records import Lease
+from .seats import SeatTable
+
+log = Logger()
+
+MAX_TEXT = 256
+MAX_FEATURE = 64
+MAX_COUNT = 10_000
+MAX_LEASES_PER_CALL = 2000
+_FEATURE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+_LEASE_RE = re.compile(r"^[0-9a-f]{32}$")
+
+Claim = tuple[str, str, str, int, str, str]
+"""A client's description of a lease it holds: id, feature, version, count, user, host."""
+
+
+def _text(name: str, value: str, limit: int = MAX_TEXT) -> str:
+    if not isinstance(value, str) or len(value) > limit or any(c in value for c in "\t\n\r\0"):
+        raise BadRequest(f"{name} must be text of at most {limit} characters without tabs or newlines")
+    return value
+
+
+def check_lease_id(lease_id: str) -> str:
+    """Lease ids are 32 lowercase hex digits; anything else is a bad request."""
+    if not isinstance(lease_id, str) or not _LEASE_RE.match(lease_id):
+        raise BadRequest(f"lease id {lease_id[:40]!r} is not 32 lowercase hex digits")
+    return lease_id
+
+
+def check_checkout(feature: str, version: str, client_id: str, user: str, host: str, count: int) -> None:
+    """Validate a checkout's arguments before anything is looked up or reserved."""
+    if not isinstance(feature, str) or not _FEATURE_RE.match(feature):
+        raise BadRequest(f"feature {feature[:80]!r} is not a valid feature name")
+    _text("version", version, 32)
+    _text("client_id", client_id)
+    if not client_id:
+        raise BadRequest("client_id must not be empty")
+    _text("user", user)
+    _text("host", host)
+    if not isinstance(count, int) or not 1 <= count <= MAX_COUNT:
+        raise BadRequest(f"count must be an integer from 1 to {MAX_COUNT}, got {count!r}")
+
+
+class LicenseServer:
+    """One member's license service: its seats, its leases, and its license."""
+
+    def __init__(
+        self,
+        name: str,
+        store: ILicenseStore,
+        clock: IReactorTime,
+        rng: random.Random,
+        vendor_key: Any,
+        client_heartbeat: float = 10.0,
+    ) -> None:
+        self.name = name
+        self.store = store
+        self.clock = clock
+        self.rng = rng
+        self.vendor_key = vendor_key
+        self.client_heartbeat = client_heartbeat
+        self.seats = SeatTable()
+        self.license: License | None = None
+        self.pool: IPool | None = None
+        self.serving = False
+        self.issue_after = 0.0
+        self._sweeper = LoopingCall(self.expire_leases)
+        self._sweeper.clock = clock
+
+    # -- life cycle -------------------------------------------------------
+
+    async def start(self, pool: IPool, license_file: bytes | None) -> None:
+        """Load the store, install the configured license if newer, join the pool."""
+        self.pool = pool
+        state = await self.store.load()
+        now = self.clock.seconds()
+        if state.license is not None:
+            try:
+                self.install_license(state.license.data)
+            except LicenseFileError as e:
+                log.error("the license in the store is not valid: {error}", error=str(e))
+        for lease in state.leases:
+            # Clients could not heartbeat while we were down; give each stored
+            # lease one TTL from now so its holder can come back.
+            feature = self.license.feature(lease.feature) if self.license else None
+            ttl = feature.lease_ttl if feature else 0.0
+            lease = Lease(**{**lease.__dict__, "expires_at": max(lease.expires_at, now + ttl)})
+            self.seats.hold(lease)
+        await pool.start()
+        if license_file is not None:
+            try:
+                sequence = await pool.offer_license(license_file)
+                log.info("license sequence {sequence} installed", sequence=sequence)
+            except LicenseFileError as e:
+                log.warn("configured license file not installed: {error}", error=str(e))
+        if not self.store.durable:
+            wait = self.max_lease_ttl()
+            self.issue_after = now + wait
+            if wait:
+                log.warn(
+                    "store is not durable: issuing seats resumes in {wait} s, once every lease "
+                    "issued before the restart has expired",
+                    wait=wait,
+                )
+        self._sweeper.start(1.0, now=False).addErrback(
+            lambda f: log.failure("lease sweeper stopped", f)
+        )
+        self.serving = True
+        log.info("license server {name} serving", name=self.name)
+
+    def stop(self) -> None:
+        self.serving = False
+        if self._sweeper.running:
+            self._sweeper.stop()
+
+    def max_lease_ttl(self) -> float:
+        if self.license is None:
+            return 0.0
+        return max((f.lease_ttl for f in self.license.features.values()), default=0.0)
+
+    def today(self) -> datetime.date:
+        return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.UTC).date()
+
+    def verify(self, data: bytes) -> License:
+        """Check a signed license file against the vendor key (raises LicenseFileError)."""
+        from .license import verify_license
+
+        return verify_license(data, self.vendor_key, today=self.today())
+
+    def install_license(self, data: bytes) -> License:
+        """Make a verified file the one this server serves (the pool decides when)."""
+        from .license import verify_license
+
+        # Expiry is judged per feature at checkout; a stored file stays readable.
+        self.license = verify_license(data, self.vendor_key, today=None)
+        return self.license
+
+    # -- requests ---------------------------------------------------------
+
+    def _serving_feature(self, name: str, version: str | None) -> Feature:
+        if not self.serving or self.pool is None:
+            raise NotServing(f"server {self.name} is starting up; retry shortly")
+        if self.license is None:
+            raise NotServing(f"server {self.name} has no license installed")
+        feature = self.license.feature(name)
+        if feature is None:
+            raise UnknownFeature(f"the license has no feature {name!r}")
+        if version is not None and not feature.version_satisfies(version):
+            raise UnknownFeature(
+                f"feature {name!r} is licensed up to version {feature.version}, not {version!r}"
+            )
+        if feature.expired(self.today()):
+            raise LicenseExpired(f"feature {name!r} expired on {feature.expires}")
+        self.pool.check_issue(feature)
+        return feature
+
+    def _check_may_issue(self) -> None:
+        wait = self.issue_after - self.clock.seconds()
+        if wait > 0:
+            raise NotServing(
+                f"server {self.name} restarted without a durable lease table; "
+                f"it issues seats again in {wait:.0f} s"
+            )
+
+    def new_lease_id(self) -> str:
+        return f"{self.rng.getrandbits(128):032x}"
+
+    async def checkout(
+        self, feature: str, version: str, client_id: str, user: str, host: str, count: int = 1
+    ) -> Lease:
+        """Issue ``count`` seats from this server's allocation; durable before it returns."""
+        check_checkout(feature, version, client_id, user, host, count)
+        f = self._serving_feature(feature, version)
+        self._check_may_issue()
+        now = self.clock.seconds()
+        lease = Lease(
+            lease_id=self.new_lease_id(),
+            feature=feature,
+            version=version or f.version,
+            client_id=client_id,
+            user=user,
+            host=host,
+            count=count,
+            server=self.name,
+            issued_at=now,
+            expires_at=now + f.lease_ttl,
+        )
+        await self._issue(lease)
+        log.debug("lease {lease_id} of {feature} to {client_id}", lease_id=lease.lease_id,
+                  feature=feature, client_id=client_id)
+        return lease
+
+    async def _issue(self, lease: Lease) -> None:
+        assert self.pool is not None
+        if self.seats.allocation(lease.feature) < self.seats.used(lease.feature) + lease.count:
+            self.pool.request_seats(lease.feature, lease.count)
+        self.seats.reserve(lease)
+        try:
+            await self.store.put_leases([lease])
+        except StoreError as e:
+            self.seats.release(lease.lease_id)
+            log.error("lease not stored, seat given back: {error}", error=str(e))
+            raise NotServing(f"server {self.name} cannot write its store; try another server")
+        self.pool.leases_changed()
+
+    def heartbeat_interval(self, feature: Feature) -> float:
+        return min(self.client_heartbeat, feature.lease_ttl / 3)
+
+    async def heartbeat(
+        self, client_id: str, lease_ids: Sequence[str], claims: Sequence[Claim] = ()
+    ) -> list[tuple[str, str, float]]:
+        """Renew what this server holds; convert claimed leases it does not hold, if it leads."""
+        _text("client_id", client_id)
+        if len(lease_ids) + len(claims) > MAX_LEASES_PER_CALL:
+            raise BadRequest(f"at most {MAX_LEASES_PER_CALL} leases per heartbeat")
+        if not self.serving or self.pool is None:
+            raise NotServing(f"server {self.name} is starting up; retry shortly")
+        now = self.clock.seconds()
+        answers: list[tuple[str, str, float]] = []
+        for lease_id in lease_ids:
+            check_lease_id(lease_id)
+            lease = self.seats.get(lease_id)
+            if lease is None or lease.client_id != client_id or lease.expires_at <= now:
+                answers.append((lease_id, commands.UNKNOWN, 0.0))
+                continue
+            feature = self.license.feature(lease.feature) if self.license else None
+            if feature is None or feature.expired(self.today()):
+                self.seats.release(lease_id)
+                self._forget([lease_id])
+                answers.append((lease_id, commands.LOST, 0.0))
+                continue
+            self.pool.check_issue(feature)
+            self.seats.renew(lease_id, now + feature.lease_ttl)
+            answers.append((lease_id, commands.RENEWED, feature.lease_ttl))
+        for claim in claims:
+            answers.append(await self._convert(client_id, claim))
+        return answers
+
+    async def _convert(self, client_id: str, claim: Claim) -> tuple[str, str, float]:
+        """F8: issue a claimed lease anew under its own id, if this server leads."""
+        assert self.pool is not None
+        lease_id, feature_name, version, count, user, host = claim
+        check_lease_id(lease_id)
+        check_checkout(feature_name, version, client_id, user, host, count)
+        held = self.seats.get(lease_id)
+        if held is not None:
+            if held.client_id != client_id:
+                return (lease_id, commands.LOST, 0.0)
+            feature = self._serving_feature(feature_name, None)
+            self.seats.renew(lease_id, self.clock.seconds() + feature.lease_ttl)
+            return (lease_id, commands.RENEWED, feature.lease_ttl)
+        if self.pool.role != "leader":
+            return (lease_id, commands.UNKNOWN, 0.0)
+        try:
+            feature = self._serving_feature(feature_name, version)
+            self._check_may_issue()
+        except (UnknownFeature, LicenseExpired):
+            return (lease_id, commands.LOST, 0.0)
+        except NotServing:
+            return (lease_id, commands.RETRY_AFTER, max(1.0, self.issue_after - self.clock.seconds()))
+        now = self.clock.seconds()
+        lease = Lease(lease_id, feature_name, version or feature.version, client_id, user, host,
+                      count, self.name, now, now + feature.lease_ttl)
+        try:
+            await self._issue(lease)
+        except NoSeats:
+            wait = self.pool.retry_after(feature_name)
+            if wait is None:
+                return (lease_id, commands.LOST, 0.0)
+            return (lease_id, commands.RETRY_AFTER, wait)
+        self.pool.lease_adopted(lease)
+        log.info("lease {lease_id} of {client_id} converted", lease_id=lease_id, client_id=client_id)
+        return (lease_id, commands.CONVERTED, feature.lease_ttl)
+
+    async def checkin(self, lease_id: str) -> bool:
+        """Give a lease's seats back; False if this server does not hold it."""
+        check_lease_id(lease_id)
+        lease = self.seats.release(lease_id)
+        if lease is None:
+            return False
+        try:
+            await self.store.remove_leases([lease_id])
+        except StoreError as e:
+            # The seat is free here already; a stale row only returns after a
+            # restart, where it expires after one TTL: safe, so not an error to the client.
+            log.error("checked-in lease not removed from the store: {error}", error=str(e))
+        assert self.pool is not None
+        self.pool.leases_changed()
+        return True
+
+    def expire_leases(self) -> list[Lease]:
+        """Free the seats of leases whose heartbeats stopped for a TTL."""
+        expired = self.seats.expire(self.clock.seconds())
+        if expired:
+            for lease in expired:
+                log.info("lease {lease_id} of {feature} expired", lease_id=lease.lease_id,
+                         feature=lease.feature)
+            self._forget([lease.lease_id for lease in expired])
+            if self.pool is not None:
+                self.pool.leases_changed()
+        return expired
+
+    def _forget(self, lease_ids: list[str]) -> None:
+        self.store.remove_leases(lease_ids).addErrback(
+            lambda f: log.error("expired leases not removed from store: {error}", error=str(f.value))
+        )
+
+    # -- views --------------------------------------------------------------
+
+    def locate(self) -> tuple[str, str | None, list[tuple[str, str, int]]]:
+        if self.pool is None:
+            raise NotServing(f"server {self.name} is starting up; retry shortly")
+        members = [(m["name"], m["client_host"], m["client_port"]) for m in self.pool.members()]
+        return self.name, self.pool.leader, members
+
+    def status(self, verbose: bool = False) -> dict[str, Any]:
+        """This server's view of the pool, its license and its seats (JSON-ready)."""
+        pool = self.pool
+        lic = self.license
+        doc: dict[str, Any] = {
+            "server": self.name,
+            "serving": self.serving,
+            "role": pool.role if pool else "starting",
+            "leader": pool.leader if pool else None,
+            "term": pool.term if pool else 0,
+            "members": pool.members() if pool else [],
+            "license": None,
+            "features": [],
+        }
+        if lic is not None:
+            doc["license"] = {"sequence": lic.sequence, "licensee": lic.licensee}
+            today = self.today()
+            for f in lic.features.values():
+                usage = pool.usage(f.name) if pool else {}
+                in_use = sum(u["used"] for u in usage.values())
+                doc["features"].append({
+                    "name": f.name,
+                    "version": f.version,
+                    "count": f.count,
+                    "in_use": in_use,
+                    "free": max(0, f.count - in_use),
+                    "expires": f.expires.isoformat() if f.expires else "never",
+                    "expired": f.expired(today),
+                    "majority_rule": f.majority_rule,
+                    "lease_ttl": f.lease_ttl,
+                    "members": usage,
+                })
+        if verbose:
+            doc["leases"] = [
+                {**lease.__dict__} for lease in sorted(self.seats.leases(), key=lambda x: x.issued_at)
+            ]
+        return doc
