@@ -346,7 +346,7 @@ class _PoolReader:
 
     def _members(self, pool: dict[str, str]) -> tuple[str, ...]:
         text = self._required(pool, "pool", "members", str, multiline=True)
-        names = [name.strip() for name in re.split(r"[,\n]", text)]
+        names = [name.strip() for name in text.split(",")]
         seen: dict[str, str] = {}
         for name in names:
             if not name:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType
@@ -179,6 +180,24 @@ def test_inline_comments_and_optional_values(tmp_path: Path) -> None:
         heartbeat=5.0,
         request_timeout=0.5,
     )
+
+
+def test_members_may_continue_on_indented_lines(tmp_path: Path) -> None:
+    """A long members list may be wrapped onto indented continuation lines."""
+    sections = pool_sections()
+    sections["pool"]["members"] = "ls1,\n  ls2,\n  ls3"
+    assert load_config(write_ini(tmp_path, sections)).members == ("ls1", "ls2", "ls3")
+
+
+def test_documented_examples_load(tmp_path: Path) -> None:
+    """Every INI example in docs/configuration.md is a valid configuration."""
+    text = (EXAMPLE.parent.parent / "docs" / "configuration.md").read_text()
+    examples = re.findall(r"```ini\n(.*?)```", text, re.S)
+    assert examples
+    for number, example in enumerate(examples):
+        path = tmp_path / f"example{number}.ini"
+        path.write_text(example)
+        load_config(path)
 
 
 def test_port_zero_may_repeat(tmp_path: Path) -> None:
