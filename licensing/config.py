@@ -168,7 +168,8 @@ class PoolSettings:
             (section, "key", server.key, pki_hint),
         ]
         if self.license is not None:
-            wanted.insert(2, ("pool", "license", self.license, "remove the key to start without one"))
+            no_license = "remove the key to start without one"
+            wanted.insert(2, ("pool", "license", self.license, no_license))
         for section_name, key, path, hint in wanted:
             problem = _file_problem(path)
             if problem is not None:
