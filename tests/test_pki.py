@@ -158,7 +158,9 @@ def test_issue_is_fast(ca_dir: Path) -> None:
 
 def test_issue_without_ca_names_missing_file(tmp_path: Path) -> None:
     """Issuing in a directory without a CA says which file is missing."""
-    with pytest.raises(PKIError, match=r"ca\.pem: no such file; create it with `licensectl pki init"):
+    with pytest.raises(
+        PKIError, match=r"ca\.pem: no such file; create it with `licensectl pki init"
+    ):
         issue_certificate(tmp_path, "ls1")
 
 

@@ -23,6 +23,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import VerificationError, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, capturedLogs
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -236,6 +237,18 @@ def test_client_refuses_server_from_other_ca(pki: Pki) -> None:
     link.client.lost.trap(SSL.Error)
 
 
+def test_client_certificate_cannot_serve(pki: Pki) -> None:
+    """A --client certificate (clientAuth only) cannot pose as a member's server certificate.
+
+    OpenSSL checks the purpose: a server certificate needs serverAuth.
+    """
+    issue_certificate(pki.root, "ls1", client=True)
+    link = connect_in_memory(pki.server("ls1"), pki.client("ls1"))
+    assert not link.client.handshake_done
+    _assert_refused(link)
+    link.client.lost.trap(SSL.Error)
+
+
 def test_peer_names_without_tls_is_empty() -> None:
     """A plain transport has no peer certificate: no names, not a server."""
     transport = StringTransport()
@@ -294,6 +307,18 @@ def test_client_options_missing_certificate(pki: Pki) -> None:
         PKIError, match=r"nobody\.pem: no such file; create it with `licensectl pki issue"
     ):
         client_tls_options("ls1", pki.ca, pki.root / "nobody.pem", pki.root / "nobody.key")
+
+
+def test_readable_key_is_loaded_with_a_warning(pki: Pki) -> None:
+    """A key other users can read still works, but the operator is told to chmod it."""
+    key = pki.root / "ls1.key"
+    key.chmod(0o644)
+    with capturedLogs() as events:
+        pki.server("ls1")
+    warnings_ = [e for e in events if e["log_level"] == LogLevel.warn]
+    assert len(warnings_) == 1
+    assert warnings_[0]["path"] == str(key)
+    assert "chmod 600" in warnings_[0]["log_format"]
 
 
 @pytest_twisted.ensureDeferred
