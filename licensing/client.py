@@ -18,7 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -142,7 +143,8 @@ class LicenseClient:
         self.request_timeout = request_timeout
         self.heartbeat = heartbeat
         self.leases: dict[str, Lease] = {}
-        self._connections: dict[str, Deferred[amp.AMP]] = {}
+        self._connections: dict[str, amp.AMP] = {}
+        self._connecting: dict[str, list[Deferred[amp.AMP]]] = {}
         self._beating = False
         self._loop = LoopingCall(self._beat)
         self._loop.clock = clock
@@ -177,26 +179,39 @@ class LicenseClient:
     # -- connections -----------------------------------------------------------
 
     def _connect(self, name: str) -> Deferred[amp.AMP]:
-        d = self._connections.get(name)
-        if d is not None:
-            return d
+        """The open connection to ``name``; concurrent callers share one attempt."""
+        proto = self._connections.get(name)
+        if proto is not None:
+            return succeed(proto)
+        waiters = self._connecting.get(name)
+        if waiters is not None:
+            mine: Deferred[amp.AMP] = Deferred()
+            waiters.append(mine)
+            return mine
         endpoint = self.endpoints.get(name)
         if endpoint is None:
             raise Unreachable(f"no endpoint known for member {name!r}")
-        proto = _Connection(self, name)
-        d = connectProtocol(endpoint, proto)
+        self._connecting[name] = waiters = []
+        d = connectProtocol(endpoint, _Connection(self, name))
         d.addTimeout(self.request_timeout, self.clock)
-        d.addErrback(self._connect_failed, name)
-        self._connections[name] = d
-        return d
 
-    def _connect_failed(self, failure: Failure, name: str) -> Failure:
-        self._connections.pop(name, None)
-        return failure
+        def connected(proto: amp.AMP) -> amp.AMP:
+            del self._connecting[name]
+            self._connections[name] = proto
+            for w in waiters:
+                w.callback(proto)
+            return proto
+
+        def failed(failure: Failure) -> Failure:
+            del self._connecting[name]
+            for w in waiters:
+                w.errback(failure)
+            return failure
+
+        return d.addCallbacks(connected, failed)
 
     def _disconnected(self, name: str, proto: amp.AMP) -> None:
-        d = self._connections.get(name)
-        if d is not None and d.called and getattr(d, "result", None) is proto:
+        if self._connections.get(name) is proto:
             del self._connections[name]
 
     async def call(self, name: str, command: type[amp.Command], **kwargs: Any) -> dict[str, Any]:
@@ -403,13 +418,9 @@ class LicenseClient:
         """Stop heartbeating and drop every connection (leases then expire on the servers)."""
         if self._loop.running:
             self._loop.stop()
-        for d in list(self._connections.values()):
-            if d.called and isinstance(getattr(d, "result", None), amp.AMP):
-                transport = d.result.transport
-                if transport is not None:
-                    transport.loseConnection()
-            else:
-                d.cancel()
+        for proto in list(self._connections.values()):
+            if proto.transport is not None:
+                proto.transport.loseConnection()
         self._connections.clear()
 
 

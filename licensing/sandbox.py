@@ -72,7 +72,7 @@ class Sandbox:
         return out
 
     def command(self, name: str) -> list[str]:
-        return [sys.executable, "-m", "twisted", "-n", "--pidfile=",
+        return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
                 f"--logfile={self.root / 'logs' / (name + '.log')}",
                 "licensing", "--config", str(self.ini), "--name", name]
 

@@ -179,7 +179,7 @@ class LicenseServer:
         feature = self.license.feature(name)
         if feature is None:
             raise UnknownFeature(f"the license has no feature {name!r}")
-        if version is not None and not feature.version_satisfies(version):
+        if version and not feature.version_satisfies(version):
             raise UnknownFeature(
                 f"feature {name!r} is licensed up to version {feature.version}, not {version!r}"
             )

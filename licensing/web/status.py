@@ -21,10 +21,10 @@ class StatusCollector:
     """Prometheus collector reading the server's state at scrape time."""
 
     def __init__(self, server: LicenseServer) -> None:
-        self.server = server
+        self.license_server = server
 
     def collect(self):
-        doc = self.server.status()
+        doc = self.license_server.status()
         up = GaugeMetricFamily("licensing_serving", "1 if this member answers requests", labels=["server"])
         up.add_metric([doc["server"]], 1.0 if doc["serving"] else 0.0)
         yield up
@@ -50,7 +50,7 @@ class StatusCollector:
         yield used
         yield alloc
         leases = GaugeMetricFamily("licensing_leases_held", "leases held by this member", labels=["server"])
-        leases.add_metric([doc["server"]], float(len(self.server.seats)))
+        leases.add_metric([doc["server"]], float(len(self.license_server.seats)))
         yield leases
 
 
@@ -59,12 +59,12 @@ class JSONStatus(Resource):
 
     def __init__(self, server: LicenseServer) -> None:
         super().__init__()
-        self.server = server
+        self.license_server = server
 
     def render_GET(self, request: Any) -> bytes:  # noqa: N802 - twisted.web API
         verbose = request.args.get(b"verbose", [b"0"])[0] in (b"1", b"yes", b"true")
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps(self.server.status(verbose), indent=2).encode()
+        return json.dumps(self.license_server.status(verbose), indent=2).encode()
 
 
 class Metrics(Resource):
@@ -85,7 +85,7 @@ class StatusPage(Resource):
 
     def __init__(self, server: LicenseServer) -> None:
         super().__init__()
-        self.server = server
+        self.license_server = server
 
     def getChild(self, path: bytes, request: Any) -> Resource:  # noqa: N802 - twisted.web API
         if path == b"":
@@ -93,7 +93,7 @@ class StatusPage(Resource):
         return super().getChild(path, request)
 
     def render_GET(self, request: Any) -> bytes:  # noqa: N802 - twisted.web API
-        doc = self.server.status()
+        doc = self.license_server.status()
         e = html.escape
         rows = "".join(
             f"<tr><td>{e(m['name'])}</td><td>{e(str(m['role']))}</td><td>{m['reachable']}</td>"
