@@ -61,7 +61,8 @@ _MAX_LICENSEE = 200
 _SIGNING_CONTEXT = b"licensing license file v1\n"
 
 _FEATURE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
-_MEMBER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: Server names as pool.ini allows them (they are also TLS identities).
+_MEMBER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _VERSION = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9}){0,15}")
 _INTEGER = re.compile(r"[0-9]{1,19}")
 _SECONDS = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,6})?")
@@ -180,7 +181,8 @@ def canonical_text(license: License) -> str:
         feature = license.features[name]
         lines += ["", f"[feature:{name}]", f"count = {feature.count}"]
         if feature.distribution is not None:
-            shares = ", ".join(f"{member}:{n}" for member, n in sorted(feature.distribution.items()))
+            pairs = sorted(feature.distribution.items())
+            shares = ", ".join(f"{member}:{n}" for member, n in pairs)
             lines.append(f"distribution = {shares}")
         expires = "never" if feature.expires is None else feature.expires.isoformat()
         lines += [
@@ -263,7 +265,7 @@ def read_sequence(data: bytes) -> int:
     sections = _tokenise(_decode(data))
     section = sections.get("license")
     if section is None:
-        raise LicenseFormatError("[license]: section missing; every license file starts with it")
+        raise LicenseFormatError("[license]: section missing; every license file needs one")
     return _required(section, "sequence", _parse_sequence)
 
 
@@ -295,8 +297,9 @@ def _tokenise(text: str) -> dict[str, _Section]:
     """Split the text into sections of raw key/value strings, in file order.
 
     Only the structure is checked here: headers, ``key = value`` lines,
-    duplicates. A comment starts at a line's first ``;`` or ``#`` or at one
-    that follows whitespace, so values such as ``ACME;Corp`` stay intact.
+    duplicates. A line whose first character is ``;`` or ``#`` is a comment;
+    elsewhere a comment starts only at a ``;`` or ``#`` that follows
+    whitespace, so values such as ``ACME;Corp`` stay intact.
     """
     if len(text) > MAX_FILE_BYTES:
         raise LicenseFormatError(f"license text is longer than {MAX_FILE_BYTES} characters")
@@ -338,6 +341,8 @@ def _tokenise(text: str) -> dict[str, _Section]:
 def _strip_comment(raw: str) -> str:
     """The line without its comment and surrounding whitespace."""
     line = raw.strip()
+    if ";" not in line and "#" not in line:
+        return line
     if line.startswith((";", "#")):
         return ""
     match = _INLINE_COMMENT.search(line)
@@ -379,8 +384,8 @@ def _parse_members(value: str) -> tuple[str, ...]:
     for name in names:
         if not _MEMBER_NAME.fullmatch(name):
             raise _Invalid(f"{_show(name)} is not a server name")
-    if len(set(names)) != len(names):
-        raise _Invalid("a server is named twice")
+    if len({name.lower() for name in names}) != len(names):
+        raise _Invalid("a server is named twice (case is ignored, as in pool.ini)")
     return names
 
 
@@ -530,7 +535,9 @@ def _build_license(sections: dict[str, _Section], signed_bytes: bytes) -> Licens
         _check_keys(section)
     head = sections.get("license")
     if head is None:
-        raise LicenseFormatError("[license]: section missing; every license file starts with it")
+        raise LicenseFormatError("[license]: section missing; every license file needs one")
+    sequence = _required(head, "sequence", _parse_sequence)
+    licensee = _optional(head, "licensee", _parse_licensee)
     members = _optional(head, "members", _parse_members)
     features = {}
     for section in sections.values():
@@ -540,8 +547,8 @@ def _build_license(sections: dict[str, _Section], signed_bytes: bytes) -> Licens
     if not features:
         raise LicenseFormatError("[feature:NAME]: the license has no feature section")
     return License(
-        sequence=_required(head, "sequence", _parse_sequence),
-        licensee=_optional(head, "licensee", _parse_licensee),
+        sequence=sequence,
+        licensee=licensee,
         members=members,
         features=MappingProxyType(dict(sorted(features.items()))),
         signed_bytes=signed_bytes,

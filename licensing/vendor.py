@@ -75,9 +75,7 @@ def _write_new_secret(path: Path, data: bytes) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise LicensingError(
-            f"{path} already exists; refusing to replace a vendor key"
-        ) from None
+        raise LicensingError(f"{path} already exists; refusing to replace a vendor key") from None
     except OSError as e:
         raise LicensingError(f"{path}: cannot create: {e.strerror}") from None
     with os.fdopen(fd, "wb") as out:
