@@ -93,3 +93,23 @@ class Busy(RequestError):
 
 class UnknownLease(RequestError):
     """No lease with this id is held here."""
+
+
+# Errors of the pool's consensus core (licensing.pool.raft).
+
+
+class NotLeader(LicensingError):
+    """Only the leader may do this, and this member is not it (or stopped being it).
+
+    ``leader`` names the member believed to lead, or is None when unknown. A
+    proposal that fails with NotLeader may still be committed later by the
+    new leader: the outcome is unknown, not negative.
+    """
+
+    def __init__(self, leader: str | None, message: str | None = None) -> None:
+        self.leader = leader
+        super().__init__(message or f"not the leader (leader: {leader or 'unknown'})")
+
+
+class LeadershipTransferFailed(LicensingError):
+    """A leadership transfer did not complete: the target never took over in time."""

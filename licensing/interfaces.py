@@ -106,3 +106,36 @@ class IPool(Interface):
 
     def usage(feature: str) -> dict[str, dict]:
         """Per member: {"allocation": n, "used": n} of ``feature``, as this server knows it."""
+
+
+class IPeerNetwork(Interface):
+    """How a pool member reaches the others: one Raft message per call.
+
+    The pool's consensus code never waits on the network and never assumes
+    it is reliable, so the AMP transport and the simulation can both provide
+    this with the same guarantees (none).
+    """
+
+    def send(to: str, message: object) -> None:
+        """Fire and forget; the message may be lost, delayed, reordered or duplicated."""
+
+
+class IRecordStateMachine(Interface):
+    """The replicated record as Raft drives it.
+
+    Raft calls ``apply`` once per committed entry, in index order, on every
+    member; identical logs must give identical states, so the implementation
+    may not look at clocks, randomness or anything outside its entries.
+    """
+
+    def apply(index: int, data: bytes) -> object:
+        """Apply a committed entry (exactly once per index, in order). Must be deterministic.
+
+        Raft's own no-op entries (empty ``data``) are never passed here.
+        """
+
+    def snapshot() -> bytes:
+        """The state as of the last applied entry."""
+
+    def restore(data: bytes) -> None:
+        """Replace the state by a snapshot."""
