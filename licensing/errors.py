@@ -113,3 +113,7 @@ class NotLeader(LicensingError):
 
 class LeadershipTransferFailed(LicensingError):
     """A leadership transfer did not complete: the target never took over in time."""
+
+
+class NotPeer(LicensingError):
+    """A peer command came from a connection not identified as a pool member."""
