@@ -76,14 +76,14 @@ class Sandbox:
                 f"--logfile={self.root / 'logs' / (name + '.log')}",
                 "licensing", "--config", str(self.ini), "--name", name]
 
-    def start(self, name: str, wait: float = 20.0) -> subprocess.Popen:
+    def start(self, name: str, wait: float = 20.0, licensed: bool = True) -> subprocess.Popen:
         """Start member ``name`` as a real ``twistd`` process and wait until it serves."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(self.command(name), cwd=self.root, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.processes[name] = proc
         if wait:
-            self.wait_serving(name, wait)
+            self.wait_serving(name, wait, licensed)
         return proc
 
     def status(self, name: str, verbose: bool = False, timeout: float = 2.0) -> dict[str, Any] | None:
@@ -95,14 +95,15 @@ class Sandbox:
         except (OSError, urllib.error.URLError, ValueError):
             return None
 
-    def wait_serving(self, name: str, timeout: float = 20.0) -> dict[str, Any]:
+    def wait_serving(self, name: str, timeout: float = 20.0, licensed: bool = True) -> dict[str, Any]:
+        """Wait until the member answers, and (if ``licensed``) has a license installed."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             proc = self.processes.get(name)
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {proc.returncode}: {self.log(name)[-2000:]}")
             doc = self.status(name, timeout=0.5)
-            if doc is not None and doc["serving"]:
+            if doc is not None and doc["serving"] and (doc["license"] or not licensed):
                 return doc
             time.sleep(0.05)
         raise TimeoutError(f"{name} did not start serving within {timeout} s: {self.log(name)[-2000:]}")

@@ -11,13 +11,15 @@ from __future__ import annotations
 import datetime
 import random
 import re
+from dataclasses import replace
 from collections.abc import Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import commands
 from .errors import (
@@ -27,11 +29,12 @@ from .errors import (
     NoQuorum,
     NoSeats,
     NotServing,
+    StaleLicense,
     StoreError,
     UnknownFeature,
 )
 from .interfaces import ILicenseStore, IPool
-from .license import Feature, License
+from .license import Feature, License, verify_license
 from .records import Lease
 from .seats import SeatTable
 
@@ -98,19 +101,27 @@ class LicenseServer:
         self.pool: IPool | None = None
         self.serving = False
         self.issue_after = 0.0
+        self.stored_sequence = 0
         self._sweeper = LoopingCall(self.expire_leases)
         self._sweeper.clock = clock
 
     # -- life cycle -------------------------------------------------------
 
     async def start(self, pool: IPool, license_file: bytes | None) -> None:
-        """Load the store, install the configured license if newer, join the pool."""
+        """Load the store, join the pool, then offer the stored and configured licenses.
+
+        The offers are not awaited: in a pool they complete only once a leader
+        commits them, and the server answers (NotServing) meanwhile.
+        """
         self.pool = pool
         state = await self.store.load()
         now = self.clock.seconds()
+        offers = []
         if state.license is not None:
+            self.stored_sequence = state.license.sequence
+            offers.append(state.license.data)
             try:
-                self.install_license(state.license.data)
+                self.license = self.parse_license(state.license.data)
             except LicenseFileError as e:
                 log.error("the license in the store is not valid: {error}", error=str(e))
         for lease in state.leases:
@@ -118,15 +129,10 @@ class LicenseServer:
             # lease one TTL from now so its holder can come back.
             feature = self.license.feature(lease.feature) if self.license else None
             ttl = feature.lease_ttl if feature else 0.0
-            lease = Lease(**{**lease.__dict__, "expires_at": max(lease.expires_at, now + ttl)})
-            self.seats.hold(lease)
+            self.seats.hold(replace(lease, expires_at=max(lease.expires_at, now + ttl)))
         await pool.start()
         if license_file is not None:
-            try:
-                sequence = await pool.offer_license(license_file)
-                log.info("license sequence {sequence} installed", sequence=sequence)
-            except LicenseFileError as e:
-                log.warn("configured license file not installed: {error}", error=str(e))
+            offers.append(license_file)
         if not self.store.durable:
             wait = self.max_lease_ttl()
             self.issue_after = now + wait
@@ -141,6 +147,19 @@ class LicenseServer:
         )
         self.serving = True
         log.info("license server {name} serving", name=self.name)
+        for data in offers:
+            maybeDeferred(pool.offer_license, data).addCallbacks(
+                lambda sequence: log.info("license sequence {sequence} installed", sequence=sequence),
+                self._offer_refused,
+            )
+
+    def _offer_refused(self, failure: Failure) -> None:
+        if failure.check(StaleLicense):
+            log.info("license not installed: {error}", error=str(failure.value))
+        elif failure.check(LicenseFileError):
+            log.error("license file refused: {error}", error=str(failure.value))
+        else:
+            log.failure("license offer failed", failure)
 
     def stop(self) -> None:
         self.serving = False
@@ -156,17 +175,17 @@ class LicenseServer:
         return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.UTC).date()
 
     def verify(self, data: bytes) -> License:
-        """Check a signed license file against the vendor key (raises LicenseFileError)."""
-        from .license import verify_license
-
+        """Check a signed license file against the vendor key, expiry included."""
         return verify_license(data, self.vendor_key, today=self.today())
+
+    def parse_license(self, data: bytes) -> License:
+        """Check a file's signature only: expiry is judged per feature at checkout,
+        so an installed file stays readable after its features expire."""
+        return verify_license(data, self.vendor_key, today=None)
 
     def install_license(self, data: bytes) -> License:
         """Make a verified file the one this server serves (the pool decides when)."""
-        from .license import verify_license
-
-        # Expiry is judged per feature at checkout; a stored file stays readable.
-        self.license = verify_license(data, self.vendor_key, today=None)
+        self.license = self.parse_license(data)
         return self.license
 
     # -- requests ---------------------------------------------------------

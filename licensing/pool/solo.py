@@ -58,12 +58,15 @@ class SoloPool:
     async def _offer(self, data: bytes) -> int:
         offered = self.server.verify(data)
         current = self.server.license
+        if current is not None and data == current.signed_bytes:
+            return current.sequence
         if current is not None and offered.sequence <= current.sequence:
             raise StaleLicense(
                 f"license sequence {offered.sequence} is not newer than the installed "
                 f"sequence {current.sequence}; kept the installed file"
             )
         await self.server.store.save_license(InstalledLicense(offered.sequence, data))
+        self.server.stored_sequence = offered.sequence
         self.server.install_license(data)
         self._allocate()
         return offered.sequence

@@ -1,0 +1,200 @@
+"""The authoritative record: the state machine every member applies from the log.
+
+Entries are small JSON documents. Applying one is deterministic and never
+raises for a well-formed entry, so every member that applies the same log
+holds the same record: the license file and its sequence number, every
+member's allocation of every feature, and the leases each member reported.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ..errors import LicenseFileError
+from ..interfaces import IRecordStateMachine
+from ..license import License
+
+log = Logger()
+
+LICENSE = "license"
+ALLOCATION = "allocation"
+REPORT = "report"
+ADOPT = "adopt"
+
+LEASE_FIELDS = ("lease_id", "feature", "version", "client_id", "user", "host", "count", "server")
+
+
+def license_entry(sequence: int, data: bytes) -> bytes:
+    """A license file to install, if its sequence is higher than the record's."""
+    return _encode({"t": LICENSE, "seq": sequence, "data": base64.b64encode(data).decode()})
+
+
+def allocation_entry(feature: str, changes: dict[str, int], term: int) -> bytes:
+    """New allocations of one feature for some members (the rest unchanged)."""
+    return _encode({"t": ALLOCATION, "feature": feature, "set": changes, "term": term})
+
+
+def report_entry(server: str, added: Sequence[dict[str, Any]], removed: Sequence[str],
+                 full: bool = False) -> bytes:
+    """A member's lease changes since its last merged report; ``full`` replaces its set."""
+    return _encode({"t": REPORT, "server": server, "added": list(added), "removed": list(removed),
+                    "full": full})
+
+
+def adopt_entry(lease: dict[str, Any], source: str | None, to: str) -> bytes:
+    """The leader converted a lease that ``source`` issued (F8)."""
+    return _encode({"t": ADOPT, "lease": lease, "from": source, "to": to})
+
+
+def _encode(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+
+
+@implementer(IRecordStateMachine)
+class Record:
+    """The record as one member holds it; ``verify`` parses a signed license file."""
+
+    def __init__(self, members: Sequence[str], verify: Callable[[bytes], License]) -> None:
+        self.members = tuple(members)
+        self.verify = verify
+        self.license: License | None = None
+        self.license_data: bytes | None = None
+        self.allocations: dict[str, dict[str, int]] = {}
+        self.leases: dict[str, dict[str, Any]] = {}
+        self.applied = 0
+        self.observers: list[Callable[[str, Any], None]] = []
+
+    @property
+    def sequence(self) -> int:
+        return self.license.sequence if self.license else 0
+
+    def allocation(self, feature: str, member: str) -> int:
+        return self.allocations.get(feature, {}).get(member, 0)
+
+    def held_by(self, member: str) -> dict[str, dict[str, Any]]:
+        return {k: v for k, v in self.leases.items() if v["server"] == member}
+
+    def used(self, feature: str, member: str) -> int:
+        return sum(v["count"] for v in self.leases.values()
+                   if v["feature"] == feature and v["server"] == member)
+
+    def _notify(self, kind: str, detail: Any) -> None:
+        for observer in self.observers:
+            observer(kind, detail)
+
+    def apply(self, index: int, data: bytes) -> object:
+        self.applied = index
+        try:
+            doc = json.loads(data)
+            kind = doc["t"]
+        except (ValueError, KeyError, TypeError):
+            log.error("record entry {index} is not a valid entry; skipped", index=index)
+            return None
+        handler = getattr(self, f"_apply_{kind}", None)
+        if handler is None:
+            log.error("record entry {index} has unknown type {kind!r}; skipped", index=index, kind=kind)
+            return None
+        return handler(doc)
+
+    def _apply_license(self, doc: dict[str, Any]) -> int:
+        sequence = int(doc["seq"])
+        if sequence <= self.sequence:
+            log.info("license sequence {seq} is not newer than {current}; the record keeps {current}",
+                     seq=sequence, current=self.sequence)
+            return self.sequence
+        data = base64.b64decode(doc["data"])
+        try:
+            lic = self.verify(data)
+        except LicenseFileError as e:
+            log.error("committed license sequence {seq} does not verify here: {error}",
+                      seq=sequence, error=str(e))
+            return self.sequence
+        first = self.license is None
+        self.license, self.license_data = lic, data
+        for feature in lic.features.values():
+            if first or feature.name not in self.allocations:
+                self.allocations[feature.name] = feature.allocations(self.members)
+            else:
+                self._fit(feature.name, feature.count)
+        for name in list(self.allocations):
+            if name not in lic.features:
+                del self.allocations[name]
+        self._notify(LICENSE, lic)
+        self._notify(ALLOCATION, None)
+        return sequence
+
+    def _fit(self, feature: str, count: int) -> None:
+        """A new file changed a feature's count: shrink from the largest allocations,
+        or give the surplus to the members in order. Growth waits for the
+        shrink to be applied, because it is the same entry."""
+        shares = self.allocations[feature]
+        total = sum(shares.values())
+        while total > count:
+            member = max(shares, key=lambda m: (shares[m], m))
+            shares[member] -= 1
+            total -= 1
+        i = 0
+        while total < count:
+            member = self.members[i % len(self.members)]
+            shares[member] = shares.get(member, 0) + 1
+            total += 1
+            i += 1
+
+    def _apply_allocation(self, doc: dict[str, Any]) -> None:
+        feature = doc["feature"]
+        if self.license is None or self.license.feature(feature) is None:
+            return
+        shares = dict(self.allocations.get(feature, {}))
+        shares.update({m: int(n) for m, n in doc["set"].items() if m in self.members and int(n) >= 0})
+        if sum(shares.values()) > self.license.features[feature].count:
+            log.error("allocation entry for {feature} would exceed the count; skipped", feature=feature)
+            return
+        self.allocations[feature] = shares
+        self._notify(ALLOCATION, feature)
+
+    def _apply_report(self, doc: dict[str, Any]) -> None:
+        server = doc["server"]
+        if doc.get("full"):
+            for lease_id in [k for k, v in self.leases.items() if v["server"] == server]:
+                del self.leases[lease_id]
+        for lease_id in doc["removed"]:
+            held = self.leases.get(lease_id)
+            if held is not None and held["server"] == server:
+                del self.leases[lease_id]
+        for lease in doc["added"]:
+            self.leases[lease["lease_id"]] = {**{k: lease[k] for k in LEASE_FIELDS}, "server": server}
+
+    def _apply_adopt(self, doc: dict[str, Any]) -> None:
+        lease = doc["lease"]
+        self.leases[lease["lease_id"]] = {**{k: lease[k] for k in LEASE_FIELDS}, "server": doc["to"]}
+        self._notify(ADOPT, lease["lease_id"])
+
+    def snapshot(self) -> bytes:
+        return _encode({
+            "applied": self.applied,
+            "license": base64.b64encode(self.license_data).decode() if self.license_data else None,
+            "allocations": self.allocations,
+            "leases": self.leases,
+        })
+
+    def restore(self, data: bytes) -> None:
+        doc = json.loads(data)
+        self.applied = doc["applied"]
+        self.allocations = {f: dict(v) for f, v in doc["allocations"].items()}
+        self.leases = dict(doc["leases"])
+        self.license = self.license_data = None
+        if doc["license"]:
+            raw = base64.b64decode(doc["license"])
+            try:
+                self.license, self.license_data = self.verify(raw), raw
+            except LicenseFileError as e:
+                log.error("license in the snapshot does not verify here: {error}", error=str(e))
+        if self.license is not None:
+            self._notify(LICENSE, self.license)
+        self._notify(ALLOCATION, None)

@@ -1,0 +1,370 @@
+"""``ReplicatedPool``: a member of a pool of several, on top of Raft and the record.
+
+It turns the consensus core's view (role, term, contact times) into the
+answers the license server needs: may I issue seats of this feature now, how
+many are mine, who leads. Followers report their leases to the leader, which
+merges the reports through the log (F3); license files move by sequence
+number through the log too (F9).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ..errors import (
+    BadRequest,
+    LicensingError,
+    NoQuorum,
+    NotServing,
+    StaleLicense,
+)
+from ..interfaces import IPool
+from ..license import License
+from ..records import InstalledLicense, Lease
+from . import record as entries
+from .notes import LeaseReport, LicenseOffer, MemberNote, ReportAck
+from .record import Record
+
+if TYPE_CHECKING:
+    from ..config import Address, Timings
+    from ..server import LicenseServer
+
+log = Logger()
+
+MAX_REPORT = 2000
+"""Leases per report: keeps every log entry far below the AMP value limit after chunking."""
+
+
+def lease_doc(lease: Lease) -> dict[str, Any]:
+    return {k: getattr(lease, k) for k in entries.LEASE_FIELDS}
+
+
+def _check_lease_doc(doc: Any, server: str) -> dict[str, Any]:
+    if not isinstance(doc, dict):
+        raise BadRequest("a reported lease must be an object")
+    out = {}
+    for key in entries.LEASE_FIELDS:
+        value = doc.get(key)
+        if key == "count":
+            if not isinstance(value, int) or not 1 <= value <= 10_000:
+                raise BadRequest("reported lease count out of range")
+        elif not isinstance(value, str) or len(value) > 256:
+            raise BadRequest(f"reported lease {key} must be short text")
+        out[key] = value
+    out["server"] = server
+    return out
+
+
+@implementer(IPool)
+class ReplicatedPool:
+    """``IPool`` for a member of a pool of two or more."""
+
+    def __init__(
+        self,
+        server: LicenseServer,
+        members: Mapping[str, Address],
+        timings: Timings,
+        clock: Any,
+        rng: random.Random,
+        network_factory: Any,
+        preference: Mapping[str, int] | None = None,
+    ) -> None:
+        from .raft import RaftNode, RaftTimings
+
+        self.server = server
+        self.name = server.name
+        self.member_addresses = dict(members)
+        self.timings = timings
+        self.clock = clock
+        self.record = Record(list(members), server.parse_license)
+        self.record.observers.append(self._record_changed)
+        self.network = network_factory(self._deliver)
+        self.node = RaftNode(
+            self.name, list(members), server.store, clock, rng, self.network, self.record,
+            RaftTimings(heartbeat=timings.peer_heartbeat, election_timeout=timings.election_timeout,
+                        snapshot_every=timings.snapshot_every),
+            preference=preference,
+        )
+        self.node.add_role_observer(self._role_changed)
+        self.notes: dict[str, tuple[float, MemberNote]] = {}
+        self.offers: dict[int, bytes] = {}
+        self._license_waiters: list[tuple[int, Deferred[int]]] = []
+        self._report_id = 0
+        self._in_flight: LeaseReport | None = None
+        self._in_flight_at = 0.0
+        self._acked: dict[str, dict[str, Any]] = {}
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = clock
+        self._stopped = False
+
+    # -- IPool ------------------------------------------------------------------
+
+    @property
+    def role(self) -> str:
+        return self.node.role
+
+    @property
+    def leader(self) -> str | None:
+        return self.node.leader
+
+    @property
+    def term(self) -> int:
+        return self.node.term
+
+    def start(self) -> Deferred[None]:
+        return ensureDeferred(self._start())
+
+    async def _start(self) -> None:
+        self.network.start()
+        await self.node.start()
+        self._loop.start(self.timings.status_report, now=False).addErrback(
+            lambda f: log.failure("pool status loop stopped", f))
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._loop.running:
+            self._loop.stop()
+        self.node.stop()
+        d = self.network.stop()
+        if d is not None:
+            d.addErrback(lambda f: log.failure("peer links did not stop cleanly", f))
+
+    def has_quorum(self) -> bool:
+        """Whether this member may act on its allocation now (DESIGN section 5)."""
+        lease = self.timings.allocation_lease
+        if self.node.role == "leader":
+            since = self.node.majority_acked_since()
+            return since is not None and self.clock.seconds() - since <= lease
+        age = self.node.leader_contact_age()
+        return age is not None and age <= lease
+
+    def check_issue(self, feature: Any) -> None:
+        if self.record.license is None:
+            raise NotServing(f"server {self.name} has no committed license yet; retry shortly")
+        if feature.majority_rule and not self.has_quorum():
+            raise NoQuorum(
+                f"feature {feature.name!r} needs a majority of the pool and server {self.name} "
+                f"cannot see one (leader: {self.node.leader or 'none'}); try another server"
+            )
+
+    def allocation(self, feature: str) -> int:
+        return self.record.allocation(feature, self.name)
+
+    def offer_license(self, data: bytes) -> Deferred[int]:
+        lic = self.server.verify(data)
+        if lic.sequence <= self.record.sequence:
+            raise StaleLicense(
+                f"license sequence {lic.sequence} is not newer than the pool's sequence "
+                f"{self.record.sequence}; kept the installed file")
+        self.offers[lic.sequence] = data
+        waiter: Deferred[int] = Deferred()
+        self._license_waiters.append((lic.sequence, waiter))
+        self._push_offers()
+        return waiter
+
+    def members(self) -> list[dict[str, Any]]:
+        now = self.clock.seconds()
+        contact = self.node.last_contact()
+        window = 2 * self.timings.election_timeout
+        out = []
+        for name, address in self.member_addresses.items():
+            doc: dict[str, Any] = {"name": name, "client_host": address.host, "client_port": address.port}
+            if name == self.name:
+                doc.update(role=self.node.role, reachable=True, last_contact=0.0, term=self.node.term,
+                           commit_index=self.node.commit_index, license_sequence=self.record.sequence or None)
+            else:
+                heard = contact.get(name)
+                note = self.notes.get(name)
+                fresh = note is not None and now - note[0] <= window
+                doc.update(
+                    role=note[1].role if fresh else "unreachable",
+                    reachable=heard is not None and now - heard <= window,
+                    last_contact=None if heard is None else round(now - heard, 3),
+                    term=note[1].term if note else None,
+                    commit_index=note[1].commit_index if note else None,
+                    license_sequence=(note[1].license_sequence or None) if note else None,
+                )
+            out.append(doc)
+        return out
+
+    def leases_changed(self) -> None:
+        """Reports go out on the status loop; coalescing many changes into one entry."""
+
+    def request_seats(self, feature: str, count: int) -> None:
+        """Borrowing is not available yet: a member serves its own allocation."""
+
+    def retry_after(self, feature: str) -> float | None:
+        return None
+
+    def lease_adopted(self, lease: Any) -> None:
+        if self.node.role == "leader":
+            self._propose(entries.adopt_entry(lease_doc(lease), None, self.name))
+
+    def usage(self, feature: str) -> dict[str, dict[str, int]]:
+        out = {}
+        for name in self.member_addresses:
+            used = self.server.seats.used(feature) if name == self.name else self.record.used(feature, name)
+            out[name] = {"allocation": self.record.allocation(feature, name), "used": used}
+        return out
+
+    # -- record -> server ------------------------------------------------------
+
+    def _record_changed(self, kind: str, detail: Any) -> None:
+        if kind == entries.LICENSE:
+            lic: License = detail
+            self.server.license = lic
+            self.offers = {s: d for s, d in self.offers.items() if s > lic.sequence}
+            stored = self.server.stored_sequence
+            if lic.sequence > stored and self.record.license_data is not None:
+                self.server.stored_sequence = lic.sequence
+                self.server.store.save_license(InstalledLicense(lic.sequence, self.record.license_data)) \
+                    .addErrback(lambda f: log.error("license not stored: {e}", e=str(f.value)))
+            for sequence, waiter in list(self._license_waiters):
+                if lic.sequence >= sequence:
+                    self._license_waiters.remove((sequence, waiter))
+                    waiter.callback(lic.sequence)
+        elif kind == entries.ALLOCATION:
+            for feature, shares in self.record.allocations.items():
+                self.server.seats.set_allocation(feature, shares.get(self.name, 0))
+
+    # -- peers -------------------------------------------------------------------
+
+    def _deliver(self, sender: str, message: object) -> None:
+        if self._stopped:
+            return
+        if isinstance(message, MemberNote):
+            if message.name == sender:
+                self.notes[sender] = (self.clock.seconds(), message)
+        elif isinstance(message, LeaseReport):
+            self._merge_report(sender, message)
+        elif isinstance(message, ReportAck):
+            self._report_acked(message.report_id)
+        elif isinstance(message, LicenseOffer):
+            self._offered(sender, message.data.encode("latin-1"))
+        else:
+            self.node.receive(sender, message)
+
+    def _role_changed(self, role: str, term: int, leader: str | None) -> None:
+        log.info("{name} is {role} in term {term} (leader {leader})", name=self.name, role=role,
+                 term=term, leader=leader)
+        self._in_flight = None
+        if leader is not None:
+            self._push_offers()
+
+    def _propose(self, data: bytes) -> Deferred[int]:
+        from ..errors import NotLeader
+
+        d = self.node.propose(data)
+        d.addErrback(lambda f: f.trap(NotLeader) and None)
+        d.addErrback(lambda f: log.failure("proposal failed", f))
+        return d
+
+    def _push_offers(self) -> None:
+        if not self.offers:
+            return
+        best = max(self.offers)
+        if best <= self.record.sequence:
+            self.offers.clear()
+            return
+        if self.node.role == "leader":
+            self._propose(entries.license_entry(best, self.offers[best]))
+        elif self.node.leader is not None:
+            self.network.send(self.node.leader, LicenseOffer(self.offers[best].decode("latin-1")))
+
+    def _offered(self, sender: str, data: bytes) -> None:
+        try:
+            lic = self.server.verify(data)
+        except LicensingError as e:
+            log.warn("license offered by {sender} refused: {error}", sender=sender, error=str(e))
+            return
+        if lic.sequence > self.record.sequence:
+            self.offers[lic.sequence] = data
+            self._push_offers()
+        else:
+            log.info("license sequence {seq} offered by {sender} is not newer than {current}",
+                     seq=lic.sequence, sender=sender, current=self.record.sequence)
+
+    # -- status loop: notes and lease reports (F3) -------------------------------
+
+    def _tick(self) -> None:
+        note = MemberNote(self.name, self.node.role, self.node.term, self.node.commit_index,
+                          self.record.sequence)
+        for peer in self.member_addresses:
+            if peer != self.name:
+                self.network.send(peer, note)
+        self._push_offers()
+        self._report()
+
+    def _report(self) -> None:
+        leader = self.node.leader
+        if leader is None:
+            return
+        now = self.clock.seconds()
+        if self._in_flight is not None and now - self._in_flight_at < 3 * self.timings.status_report:
+            return
+        current = {lease.lease_id: lease for lease in self.server.seats.leases()}
+        added = [lease_doc(current[k]) for k in current.keys() - self._acked.keys()][:MAX_REPORT]
+        removed = list(self._acked.keys() - current.keys())[:MAX_REPORT]
+        if not added and not removed:
+            self._in_flight = None
+            return
+        self._report_id += 1
+        report = LeaseReport(self._report_id, added, removed)
+        self._in_flight, self._in_flight_at = report, now
+        if leader == self.name:
+            if self.node.role == "leader":
+                rid = report.report_id
+                self._propose(entries.report_entry(self.name, added, removed)).addCallback(
+                    lambda index: index is not None and self._report_acked(rid))
+        else:
+            self.network.send(leader, report)
+
+    def _report_acked(self, report_id: int) -> None:
+        report = self._in_flight
+        if report is None or report.report_id != report_id:
+            return
+        for doc in report.added:
+            self._acked[doc["lease_id"]] = doc
+        for lease_id in report.removed:
+            self._acked.pop(lease_id, None)
+        self._in_flight = None
+
+    def _merge_report(self, sender: str, report: LeaseReport) -> None:
+        if self.node.role != "leader":
+            return
+        try:
+            added = [_check_lease_doc(doc, sender) for doc in report.added[:MAX_REPORT]]
+            removed = [r for r in report.removed[:MAX_REPORT] if isinstance(r, str)]
+        except BadRequest as e:
+            log.warn("lease report from {sender} refused: {error}", sender=sender, error=str(e))
+            return
+        rid = report.report_id
+        self._propose(entries.report_entry(sender, added, removed)).addCallback(
+            lambda index: index is not None and self.network.send(sender, ReportAck(rid)))
+
+
+def tagged_codec() -> tuple[Any, Any]:
+    """encode/decode for the peer links: consensus messages and pool notes, told apart by a tag."""
+    from . import codec
+    from .notes import NOTES, decode_note, encode_note
+
+    def encode(message: object) -> bytes:
+        if type(message).__name__ in NOTES:
+            return b"N" + encode_note(message)
+        return b"R" + codec.encode(message)
+
+    def decode(data: bytes) -> object:
+        if data[:1] == b"N":
+            return decode_note(data[1:])
+        if data[:1] == b"R":
+            return codec.decode(data[1:])
+        raise BadRequest("peer message with an unknown tag")
+
+    return encode, decode
