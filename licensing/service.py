@@ -92,9 +92,13 @@ def build_service(
         store = open_store(member.store, reactor)
     server = LicenseServer(member.name, store, reactor, rng, vendor_key,
                            client_heartbeat=settings.timings.client_heartbeat)
-    pool = make_pool(settings, member, server, reactor, rng)
+    pool, peer_factory = make_pool(settings, member, server, reactor, rng)
     license_file = settings.license.read_bytes() if settings.license else None
     root = LicenseService(server, pool, license_file, reactor)
+    if peer_factory is not None:
+        StreamServerEndpointService(
+            tls_server_endpoint(reactor, member.peer, settings, member), peer_factory
+        ).setServiceParent(root)
     StreamServerEndpointService(
         tls_server_endpoint(reactor, member.client, settings, member), ClientFactory(server)
     ).setServiceParent(root)
@@ -107,8 +111,31 @@ def build_service(
 
 
 def make_pool(settings: PoolSettings, member: ServerSettings, server: LicenseServer,
-              reactor: Any, rng: random.Random) -> IPool:
-    """A pool of one needs no peers; larger pools replicate the record over the peer listener."""
+              reactor: Any, rng: random.Random) -> tuple[IPool, Any]:
+    """The member's pool, and the factory for its peer listener (None in a pool of one)."""
     if len(settings.members) == 1:
-        return SoloPool(server, member.client)
-    raise LicensingError("pools of more than one member are not available yet")
+        return SoloPool(server, member.client), None
+    from .pool.peers import PeerNetwork
+    from .pool.replicated import ReplicatedPool, tagged_codec
+    from .tls import client_tls_options
+
+    encode, decode = tagged_codec()
+    peers = {name: s.peer for name, s in settings.servers.items() if name != member.name}
+
+    def tls_for(name: str) -> Any:
+        return client_tls_options(name, settings.ca, member.cert, member.key)
+
+    def network_factory(deliver: Any) -> PeerNetwork:
+        return PeerNetwork(member.name, peers, tls_for, reactor, encode, decode, deliver,
+                           request_timeout=settings.timings.request_timeout)
+
+    pool = ReplicatedPool(
+        server,
+        {name: s.client for name, s in settings.servers.items()},
+        settings.timings,
+        reactor,
+        rng,
+        network_factory,
+        preference={name: s.preference for name, s in settings.servers.items()},
+    )
+    return pool, pool.network.listener_factory()
