@@ -279,7 +279,7 @@ class LicenseServer:
             feature = self.license.feature(lease.feature) if self.license else None
             if feature is None or feature.expired(self.today()):
                 self.seats.release(lease_id)
-                self._forget([lease_id])
+                self.forget([lease_id])
                 answers.append((lease_id, commands.LOST, 0.0))
                 continue
             self.pool.check_issue(feature)
@@ -348,12 +348,13 @@ class LicenseServer:
             for lease in expired:
                 log.info("lease {lease_id} of {feature} expired", lease_id=lease.lease_id,
                          feature=lease.feature)
-            self._forget([lease.lease_id for lease in expired])
+            self.forget([lease.lease_id for lease in expired])
             if self.pool is not None:
                 self.pool.leases_changed()
         return expired
 
-    def _forget(self, lease_ids: list[str]) -> None:
+    def forget(self, lease_ids: list[str]) -> None:
+        """Drop leases from the store in the background (they no longer hold seats here)."""
         self.store.remove_leases(lease_ids).addErrback(
             lambda f: log.error("expired leases not removed from store: {error}", error=str(f.value))
         )

@@ -90,10 +90,23 @@ def test_allocation_entry_never_exceeds_count(vendor):
     """An allocation change that would exceed the count is refused."""
     rec = make_record(vendor)
     rec.apply(1, entries.license_entry(1, signed(vendor, 1, count=10)))
-    rec.apply(2, entries.allocation_entry("cad-pro", {"ls1": 8}, term=1))
+    rec.apply(2, entries.allocation_entry("cad-pro", {"ls1": 8}))
     assert rec.allocations["cad-pro"]["ls1"] == 4
-    rec.apply(3, entries.allocation_entry("cad-pro", {"ls2": 0, "ls1": 7}, term=1))
+    rec.apply(3, entries.allocation_entry("cad-pro", {"ls2": 0}))
+    assert rec.unassigned("cad-pro") == 3
+    assert rec.shrunk_at["ls2"] == 3
+    rec.apply(4, entries.allocation_entry("cad-pro", {"ls1": 7}))
     assert rec.allocations["cad-pro"] == {"ls1": 7, "ls2": 0, "ls3": 3}
+
+
+def test_allocation_entry_decided_on_old_state_is_void(vendor):
+    """Two changes decided on the same allocation can never both take effect."""
+    rec = make_record(vendor)
+    rec.apply(1, entries.license_entry(1, signed(vendor, 1, count=10)))
+    move = entries.allocation_entry("cad-pro", {"ls2": 1, "ls1": 6}, expect={"ls2": 3, "ls1": 4})
+    rec.apply(2, move)
+    rec.apply(3, move)
+    assert rec.allocations["cad-pro"] == {"ls1": 6, "ls2": 1, "ls3": 3}
 
 
 def test_reports_merge_and_repeat_idempotently(vendor):

@@ -23,6 +23,9 @@ class MemberNote:
     term: int
     commit_index: int
     license_sequence: int
+    last_applied: int = 0
+    pledges: dict[str, list[int]] = field(default_factory=dict)
+    """feature -> [base allocation, seats]: seats this member stopped using, for the leader to move."""
 
 
 @dataclass(frozen=True)
@@ -42,13 +45,32 @@ class ReportAck:
 
 
 @dataclass(frozen=True)
+class SeatRequest:
+    """A member ran out of ``feature``: the leader should move ``count`` seats to it."""
+
+    feature: str
+    count: int
+
+
+@dataclass(frozen=True)
+class PledgeRequest:
+    """The leader asks a member with free seats to stop using ``count`` of them."""
+
+    feature: str
+    count: int
+
+
+@dataclass(frozen=True)
 class LicenseOffer:
     """A member holds a license file newer than the record's; the leader should commit it."""
 
     data: str  # latin-1 text of the signed file bytes
 
 
-NOTES: dict[str, type] = {cls.__name__: cls for cls in (MemberNote, LeaseReport, ReportAck, LicenseOffer)}
+NOTES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (MemberNote, LeaseReport, ReportAck, LicenseOffer, SeatRequest, PledgeRequest)
+}
 
 
 def encode_note(note: object) -> bytes:

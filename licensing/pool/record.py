@@ -35,9 +35,14 @@ def license_entry(sequence: int, data: bytes) -> bytes:
     return _encode({"t": LICENSE, "seq": sequence, "data": base64.b64encode(data).decode()})
 
 
-def allocation_entry(feature: str, changes: dict[str, int], term: int) -> bytes:
-    """New allocations of one feature for some members (the rest unchanged)."""
-    return _encode({"t": ALLOCATION, "feature": feature, "set": changes, "term": term})
+def allocation_entry(feature: str, changes: dict[str, int], expect: dict[str, int] | None = None) -> bytes:
+    """New allocations of one feature for some members (the rest unchanged).
+
+    ``expect`` holds the allocations the leader based the change on; the
+    entry is void if any differs when it is applied, so two changes decided
+    on the same state can never both take effect.
+    """
+    return _encode({"t": ALLOCATION, "feature": feature, "set": changes, "if": expect or {}})
 
 
 def report_entry(server: str, added: Sequence[dict[str, Any]], removed: Sequence[str],
@@ -68,6 +73,7 @@ class Record:
         self.allocations: dict[str, dict[str, int]] = {}
         self.leases: dict[str, dict[str, Any]] = {}
         self.applied = 0
+        self.shrunk_at: dict[str, int] = {}
         self.observers: list[Callable[[str, Any], None]] = []
 
     @property
@@ -100,7 +106,17 @@ class Record:
         if handler is None:
             log.error("record entry {index} has unknown type {kind!r}; skipped", index=index, kind=kind)
             return None
-        return handler(doc)
+        before = {f: dict(v) for f, v in self.allocations.items()}
+        result = handler(doc)
+        self._shrinks(index, before)
+        return result
+
+    def _shrinks(self, index: int, before: dict[str, dict[str, int]]) -> None:
+        """Remember the last entry that lowered each member's allocation (fencing waits on it)."""
+        for feature, shares in self.allocations.items():
+            for member, seats in shares.items():
+                if seats < before.get(feature, {}).get(member, seats):
+                    self.shrunk_at[member] = index
 
     def _apply_license(self, doc: dict[str, Any]) -> int:
         sequence = int(doc["seq"])
@@ -146,17 +162,22 @@ class Record:
             total += 1
             i += 1
 
-    def _apply_allocation(self, doc: dict[str, Any]) -> None:
+    def _apply_allocation(self, doc: dict[str, Any]) -> bool:
         feature = doc["feature"]
         if self.license is None or self.license.feature(feature) is None:
-            return
+            return False
         shares = dict(self.allocations.get(feature, {}))
+        if any(shares.get(m, 0) != int(n) for m, n in doc.get("if", {}).items()):
+            log.info("allocation change of {feature} is void: decided on an older allocation",
+                     feature=feature)
+            return False
         shares.update({m: int(n) for m, n in doc["set"].items() if m in self.members and int(n) >= 0})
         if sum(shares.values()) > self.license.features[feature].count:
             log.error("allocation entry for {feature} would exceed the count; skipped", feature=feature)
-            return
+            return False
         self.allocations[feature] = shares
         self._notify(ALLOCATION, feature)
+        return True
 
     def _apply_report(self, doc: dict[str, Any]) -> None:
         server = doc["server"]
@@ -173,13 +194,20 @@ class Record:
     def _apply_adopt(self, doc: dict[str, Any]) -> None:
         lease = doc["lease"]
         self.leases[lease["lease_id"]] = {**{k: lease[k] for k in LEASE_FIELDS}, "server": doc["to"]}
-        self._notify(ADOPT, lease["lease_id"])
+        self._notify(ADOPT, self.leases[lease["lease_id"]])
+
+    def unassigned(self, feature: str) -> int:
+        """Seats of ``feature`` that no member's allocation holds (reclaimed, not yet given)."""
+        if self.license is None or self.license.feature(feature) is None:
+            return 0
+        return self.license.features[feature].count - sum(self.allocations.get(feature, {}).values())
 
     def snapshot(self) -> bytes:
         return _encode({
             "applied": self.applied,
             "license": base64.b64encode(self.license_data).decode() if self.license_data else None,
             "allocations": self.allocations,
+            "shrunk_at": self.shrunk_at,
             "leases": self.leases,
         })
 
@@ -188,6 +216,7 @@ class Record:
         self.applied = doc["applied"]
         self.allocations = {f: dict(v) for f, v in doc["allocations"].items()}
         self.leases = dict(doc["leases"])
+        self.shrunk_at = dict(doc.get("shrunk_at", {}))
         self.license = self.license_data = None
         if doc["license"]:
             raw = base64.b64decode(doc["license"])

@@ -29,7 +29,7 @@ from ..interfaces import IPool
 from ..license import License
 from ..records import InstalledLicense, Lease
 from . import record as entries
-from .notes import LeaseReport, LicenseOffer, MemberNote, ReportAck
+from .notes import LeaseReport, LicenseOffer, MemberNote, PledgeRequest, ReportAck, SeatRequest
 from .record import Record
 
 if TYPE_CHECKING:
@@ -102,7 +102,15 @@ class ReplicatedPool:
         self._acked: dict[str, dict[str, Any]] = {}
         self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
+        self._steward_loop = LoopingCall(self._steward)
+        self._steward_loop.clock = clock
         self._stopped = False
+        self.won_at = 0.0
+        self._ready_index = 0
+        self.pledges: dict[str, list[int]] = {}
+        self._wanted: dict[str, dict[str, int]] = {}
+        self._pending: set[tuple[str, str]] = set()
+        self._asked: dict[tuple[str, str], float] = {}
 
     # -- IPool ------------------------------------------------------------------
 
@@ -126,24 +134,57 @@ class ReplicatedPool:
         await self.node.start()
         self._loop.start(self.timings.status_report, now=False).addErrback(
             lambda f: log.failure("pool status loop stopped", f))
+        self._steward_loop.start(self.timings.peer_heartbeat, now=False).addErrback(
+            lambda f: log.failure("allocation steward stopped", f))
 
     def stop(self) -> None:
         self._stopped = True
-        if self._loop.running:
-            self._loop.stop()
+        for loop in (self._loop, self._steward_loop):
+            if loop.running:
+                loop.stop()
         self.node.stop()
         d = self.network.stop()
         if d is not None:
             d.addErrback(lambda f: log.failure("peer links did not stop cleanly", f))
 
+    def reclaim_wait(self) -> float:
+        """How long after its last acknowledged contact a member is surely fenced.
+
+        ``allocation_lease`` stretched by the worst rate difference of two
+        clocks that each drift by at most ``clock_drift`` from real time.
+        """
+        d = self.timings.clock_drift
+        return self.timings.allocation_lease * (1 + d) / (1 - d)
+
     def has_quorum(self) -> bool:
-        """Whether this member may act on its allocation now (DESIGN section 5)."""
+        """Whether this member may act on its allocation now (DESIGN section 5).
+
+        A follower needs an allocation lease confirmed by the leader within
+        ``allocation_lease`` and must have applied every entry the leader had
+        committed when it last wrote: an entry that shrank this member's
+        allocation is then in effect before the member issues again. A leader
+        needs a majority within the same window and its own record caught up.
+        """
+        now = self.clock.seconds()
         lease = self.timings.allocation_lease
-        if self.node.role == "leader":
-            since = self.node.majority_acked_since()
-            return since is not None and self.clock.seconds() - since <= lease
-        age = self.node.leader_contact_age()
-        return age is not None and age <= lease
+        node = self.node
+        if node.role == "leader":
+            since = node.majority_acked_since()
+            return (since is not None and now - since <= lease
+                    and node.last_applied >= self._ready_index)
+        age = node.leader_contact_age()
+        return age is not None and age <= lease and node.last_applied >= node.leader_commit
+
+    def fenced(self, member: str) -> bool:
+        """Leader: ``member`` has surely stopped acting on its allocation by now."""
+        acked = self.node.acked_within(member)
+        ref = self.won_at if acked is None else max(self.won_at, acked)
+        return self.clock.seconds() >= ref + self.reclaim_wait()
+
+    def _fenced_at(self, member: str) -> float:
+        acked = self.node.acked_within(member)
+        ref = self.won_at if acked is None else max(self.won_at, acked)
+        return ref + self.reclaim_wait()
 
     def check_issue(self, feature: Any) -> None:
         if self.record.license is None:
@@ -198,14 +239,52 @@ class ReplicatedPool:
         """Reports go out on the status loop; coalescing many changes into one entry."""
 
     def request_seats(self, feature: str, count: int) -> None:
-        """Borrowing is not available yet: a member serves its own allocation."""
+        """Ask the leader to move seats here; at most one request per feature per heartbeat."""
+        leader = self.node.leader
+        if leader is None:
+            return
+        now = self.clock.seconds()
+        key = (feature, leader)
+        if now - self._asked.get(key, float("-inf")) < self.timings.peer_heartbeat:
+            return
+        self._asked[key] = now
+        if leader == self.name:
+            self._want(self.name, feature, count)
+        else:
+            self.network.send(leader, SeatRequest(feature, count))
 
     def retry_after(self, feature: str) -> float | None:
-        return None
+        """Leader: when converting a lease of ``feature`` may succeed, or None if it cannot."""
+        if self.node.role != "leader" or self.record.license is None:
+            return None
+        f = self.record.license.feature(feature)
+        if f is None:
+            return None
+        now = self.clock.seconds()
+        waits = []
+        for member in self.member_addresses:
+            if member == self.name or self.record.allocation(feature, member) == 0:
+                continue
+            if f.majority_rule and not self.fenced(member):
+                free = self.record.allocation(feature, member) - self.record.used(feature, member)
+                if member not in self.node.reachable(self.timings.election_timeout):
+                    waits.append(max(self.timings.peer_heartbeat, self._fenced_at(member) - now))
+                elif free > 0:
+                    waits.append(1.0)
+            elif f.majority_rule:
+                waits.append(self.timings.peer_heartbeat * 2)
+        if self.record.unassigned(feature) > 0:
+            waits.append(self.timings.peer_heartbeat * 2)
+        if not waits:
+            return None
+        self.request_seats(feature, 1)
+        return round(min(waits) + self.timings.peer_heartbeat, 3)
 
     def lease_adopted(self, lease: Any) -> None:
         if self.node.role == "leader":
-            self._propose(entries.adopt_entry(lease_doc(lease), None, self.name))
+            held = self.record.leases.get(lease.lease_id)
+            source = held["server"] if held else None
+            self._propose(entries.adopt_entry(lease_doc(lease), source, self.name))
 
     def usage(self, feature: str) -> dict[str, dict[str, int]]:
         out = {}
@@ -231,8 +310,44 @@ class ReplicatedPool:
                     self._license_waiters.remove((sequence, waiter))
                     waiter.callback(lic.sequence)
         elif kind == entries.ALLOCATION:
-            for feature, shares in self.record.allocations.items():
-                self.server.seats.set_allocation(feature, shares.get(self.name, 0))
+            self._sync_allocations()
+        elif kind == entries.ADOPT:
+            lease = detail
+            if lease["server"] != self.name and self.server.seats.get(lease["lease_id"]) is not None:
+                self.server.seats.release(lease["lease_id"])
+                self.server.forget([lease["lease_id"]])
+                log.info("lease {lease_id} moved to {to}; released here", lease_id=lease["lease_id"],
+                         to=lease["server"])
+
+    def _sync_allocations(self) -> None:
+        """Make the seat table follow the record, less what this member pledged away.
+
+        If the record now gives this member fewer seats than its leases use
+        (its allocation was reclaimed while it was cut off), the newest
+        leases go: their clients convert them at the leader.
+        """
+        seats = self.server.seats
+        for feature, shares in self.record.allocations.items():
+            mine = shares.get(self.name, 0)
+            pledge = self.pledges.get(feature)
+            if pledge is not None and pledge[0] != mine:
+                del self.pledges[feature]
+                pledge = None
+            seats.set_allocation(feature, mine - (pledge[1] if pledge else 0))
+            excess = seats.used(feature) - seats.allocation(feature)
+            if excess > 0:
+                newest = sorted((x for x in seats.leases() if x.feature == feature),
+                                key=lambda x: x.issued_at, reverse=True)
+                dropped = []
+                for lease in newest:
+                    if excess <= 0:
+                        break
+                    seats.release(lease.lease_id)
+                    dropped.append(lease.lease_id)
+                    excess -= lease.count
+                self.server.forget(dropped)
+                log.warn("allocation of {feature} shrank below use; released {n} lease(s)",
+                         feature=feature, n=len(dropped))
 
     # -- peers -------------------------------------------------------------------
 
@@ -248,6 +363,12 @@ class ReplicatedPool:
             self._report_acked(message.report_id)
         elif isinstance(message, LicenseOffer):
             self._offered(sender, message.data.encode("latin-1"))
+        elif isinstance(message, SeatRequest):
+            if self.node.role == "leader" and isinstance(message.count, int) and message.count > 0:
+                self._want(sender, message.feature, min(message.count, 10_000))
+        elif isinstance(message, PledgeRequest):
+            if sender == self.node.leader and isinstance(message.count, int):
+                self._pledge(message.feature, message.count)
         else:
             self.node.receive(sender, message)
 
@@ -255,6 +376,11 @@ class ReplicatedPool:
         log.info("{name} is {role} in term {term} (leader {leader})", name=self.name, role=role,
                  term=term, leader=leader)
         self._in_flight = None
+        if role == "leader":
+            self.won_at = self.clock.seconds()
+            self._ready_index = self.node.last_log_index
+            self._wanted.clear()
+            self._pending.clear()
         if leader is not None:
             self._push_offers()
 
@@ -294,13 +420,134 @@ class ReplicatedPool:
     # -- status loop: notes and lease reports (F3) -------------------------------
 
     def _tick(self) -> None:
-        note = MemberNote(self.name, self.node.role, self.node.term, self.node.commit_index,
-                          self.record.sequence)
         for peer in self.member_addresses:
             if peer != self.name:
-                self.network.send(peer, note)
+                self.network.send(peer, self._note())
         self._push_offers()
         self._report()
+
+    def _note(self) -> MemberNote:
+        return MemberNote(self.name, self.node.role, self.node.term, self.node.commit_index,
+                          self.record.sequence, self.node.last_applied,
+                          {f: list(p) for f, p in self.pledges.items()})
+
+    # -- seats across the pool: reclaim, pledges, borrowing ------------------------
+
+    def _want(self, member: str, feature: str, count: int) -> None:
+        wanted = self._wanted.setdefault(feature, {})
+        wanted[member] = max(wanted.get(member, 0), count)
+
+    def _pledge(self, feature: str, count: int) -> None:
+        """Stop using ``count`` free seats (giver first), and tell the leader at once."""
+        if self.record.license is None or self.record.license.feature(feature) is None:
+            return
+        seats = self.server.seats
+        give = min(count, seats.free(feature))
+        if give <= 0:
+            return
+        base = self.record.allocation(feature, self.name)
+        pledge = self.pledges.setdefault(feature, [base, 0])
+        pledge[1] += give
+        seats.set_allocation(feature, base - pledge[1])
+        leader = self.node.leader
+        if leader is not None and leader != self.name:
+            self.network.send(leader, self._note())
+
+    def _safe(self, member: str) -> bool:
+        """Leader: ``member`` no longer acts on seats that an applied entry took from it."""
+        note = self.notes.get(member)
+        applied = note[1].last_applied if note else 0
+        return applied >= self.record.shrunk_at.get(member, 0) or self.fenced(member)
+
+    def _steward(self) -> None:
+        """Leader, every peer heartbeat: reclaim from fenced members, move pledged and free seats."""
+        lic = self.record.license
+        if self.node.role != "leader" or lic is None or not self.has_quorum():
+            return
+        for feature in lic.features.values():
+            name = feature.name
+            if any(p[0] == name for p in self._pending):
+                continue
+            if feature.majority_rule:
+                for member in self.member_addresses:
+                    share = self.record.allocation(name, member)
+                    if member != self.name and share > 0 and self.fenced(member):
+                        log.info("reclaiming {n} seat(s) of {feature} from unreachable {member}",
+                                 n=share, feature=name, member=member)
+                        self._change(name, {member: 0}, {member: share})
+                        break
+                else:
+                    self._give_unassigned(name)
+            self._move_pledges(name)
+            self._ask_donors(name)
+
+    def _change(self, feature: str, changes: dict[str, int], expect: dict[str, int]) -> None:
+        key = (feature, ",".join(sorted(changes)))
+        self._pending.add(key)
+        d = self._propose(entries.allocation_entry(feature, changes, expect))
+        d.addBoth(lambda _: self._pending.discard(key))
+
+    def _receiver(self, feature: str) -> str:
+        wanted = self._wanted.get(feature) or {}
+        return max(wanted, key=lambda m: (wanted[m], m)) if wanted else self.name
+
+    def _granted(self, feature: str, member: str, seats: int) -> None:
+        wanted = self._wanted.get(feature, {})
+        if member in wanted:
+            wanted[member] -= seats
+            if wanted[member] <= 0:
+                del wanted[member]
+
+    def _give_unassigned(self, feature: str) -> None:
+        free = self.record.unassigned(feature)
+        if free <= 0 or not all(self._safe(m) for m in self.member_addresses if m != self.name):
+            return
+        to = self._receiver(feature)
+        share = self.record.allocation(feature, to)
+        self._change(feature, {to: share + free}, {to: share})
+        self._granted(feature, to, free)
+
+    def _move_pledges(self, feature: str) -> None:
+        pledged = {self.name: self.pledges.get(feature)}
+        for member, (_, note) in self.notes.items():
+            pledged[member] = note.pledges.get(feature)
+        for giver, pledge in pledged.items():
+            if not pledge or pledge[1] <= 0 or self.record.allocation(feature, giver) != pledge[0]:
+                continue
+            to = self._receiver(feature)
+            if to == giver:
+                continue
+            base, seats = pledge
+            share = self.record.allocation(feature, to)
+            self._change(feature, {giver: base - seats, to: share + seats}, {giver: base, to: share})
+            self._granted(feature, to, seats)
+            return
+
+    def _ask_donors(self, feature: str) -> None:
+        wanted = self._wanted.get(feature)
+        if not wanted:
+            return
+        now = self.clock.seconds()
+        need = sum(wanted.values())
+        reachable = self.node.reachable(self.timings.election_timeout)
+        donors = sorted(
+            ((self.record.allocation(feature, m) - self.record.used(feature, m), m)
+             for m in self.member_addresses if m not in wanted and m in reachable),
+            reverse=True,
+        )
+        for free, donor in donors:
+            if free <= 0 or need <= 0:
+                break
+            key = (feature, donor)
+            if now - self._asked.get(key, float("-inf")) < 2 * self.timings.peer_heartbeat:
+                continue
+            self._asked[key] = now
+            give = min(free, need)
+            if donor == self.name:
+                self._pledge(feature, give)
+            else:
+                self.network.send(donor, PledgeRequest(feature, give))
+            need -= give
 
     def _report(self) -> None:
         leader = self.node.leader
