@@ -57,6 +57,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def system_busy_seconds() -> float:
+    """CPU time spent by the whole machine outside idle and iowait, summed over CPUs (/proc/stat)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    # guest time is already counted in user time
+    return (sum(values[:8]) - idle) / CLOCK_TICKS
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process (VmRSS), in bytes."""
     with open(f"/proc/{pid}/status") as f:
@@ -181,9 +190,10 @@ class Bench:
 
         With several targets (members of a pool) the connections are spread
         over them round robin. Each recorded phase gains ``server_cpu_s``
-        (summed over the targets), ``server_cpu_util``, ``server_cpu_us_per_item``
-        and ``server_rss_start``/``server_rss_end`` (bytes, summed), taken
-        from /proc at the window's edges. ``profile`` names a phase to sample
+        (summed over the targets), ``server_cpu_util``, ``server_cpu_us_per_item``,
+        ``server_rss_start``/``server_rss_end`` (bytes, summed) and
+        ``other_cpu_util`` (cores used meanwhile by other processes on the
+        machine), taken from /proc at the window's edges. ``profile`` names a phase to sample
         with py-spy (if installed) while its window is open.
         """
         group = [targets] if isinstance(targets, Target) else list(targets)
@@ -210,6 +220,8 @@ class Bench:
                     edge = "start" if kind == "window-start" else "end"
                     s = samples.setdefault(event["phase"], {})
                     s[f"cpu_{edge}"] = sum(cpu_seconds(t.pid) for t in group)
+                    s[f"gen_{edge}"] = cpu_seconds(proc.pid)
+                    s[f"busy_{edge}"] = system_busy_seconds()
                     s[f"rss_{edge}"] = sum(rss_bytes(t.pid) for t in group)
                     s[f"wall_{edge}"] = time.monotonic()
                     if profile == event["phase"] and edge == "start":
@@ -239,6 +251,10 @@ class Bench:
                 phase["server_cpu_us_per_item"] = cpu / phase["items"] * 1e6 if phase["items"] else None
                 phase["server_rss_start"] = s["rss_start"]
                 phase["server_rss_end"] = s["rss_end"]
+                # Whatever else ran on the machine meanwhile (other processes
+                # take cores from both sides and skew every figure).
+                others = (s["busy_end"] - s["busy_start"]) - cpu - (s["gen_end"] - s["gen_start"])
+                phase["other_cpu_util"] = max(0.0, others) / phase["seconds"] if phase["seconds"] else 0.0
         result["target"] = "+".join(t.kind for t in group)
         self.runs.append({"scenario": self.scenario, "targets": [t.kind for t in group],
                           "connections": connections, "outstanding": outstanding, "clients": clients,

@@ -18,46 +18,79 @@ from typing import Any
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>.*?)(?::(?P<line>\d+))?\)$")
 
+# Frames on (nearly) every stack: the twistd start-up chain, the reactor's
+# dispatch and the thread pool's plumbing. They say nothing about hot spots.
+_PLUMBING = frozenset({
+    "<module>", "run", "runApp", "ApplicationRunner.run", "UnixApplicationRunner.postApplication",
+    "ApplicationRunner.startReactor", "runReactorWithLogging", "ReactorBase.run", "ReactorBase.mainLoop",
+    "EPollReactor.doPoll", "callWithLogger", "callWithContext", "ThreadedContextTracker.callWithContext",
+    "ContextTracker.callWithContext", "_PollLikeMixin._doReadOrWrite", "Thread._bootstrap",
+    "Thread._bootstrap_inner", "Thread.run", "ThreadWorker.__init__.<locals>.work",
+    "Team._coordinateThisTask.<locals>.doWork", "ThreadPool.callInThreadWithCallback.<locals>.inContext",
+    "ThreadPool.callInThreadWithCallback.<locals>.<lambda>",
+})
 
-def _name(frame: str) -> str:
-    """``func (path/to/module.py:123)`` -> ``func (module.py)``, one entry per function."""
+
+def _split(frame: str) -> tuple[str, str]:
+    """``func (path/to/module.py:123)`` -> (``func``, ``func (to/module.py)``)."""
     m = _FRAME.match(frame.strip())
     if not m:
-        return frame.strip()
+        return frame.strip(), frame.strip()
     path = m.group("file")
-    short = "/".join(Path(path).parts[-2:]) if "site-packages" in path or "/lib/" in path else Path(path).name
-    if "/licensing/" in path:
-        short = "licensing/" + path.split("/licensing/", 1)[1]
-    return f"{m.group('func')} ({short})"
+    if path.startswith("licensing/") or "/licensing/" in path:
+        short = "licensing/" + path.split("licensing/", 1)[1]
+    else:
+        short = "/".join(Path(path).parts[-2:])
+    return m.group("func"), f"{m.group('func')} ({short})"
 
 
 def summarize(path: Path, top: int = 15) -> dict[str, Any]:
-    """Own-time and total-time tops of one raw py-spy profile."""
+    """Own-time and total-time tops of one raw py-spy profile, in percent of all samples.
+
+    ``total_licensing`` ranks only this project's functions; ``total`` leaves
+    out the plumbing frames that are on every stack. ``threads`` splits the
+    samples between the reactor thread and the others (the store's thread).
+    """
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
     samples = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         n = int(count)
-        frames = [_name(f) for f in stack.split(";") if f and not f.startswith("process ") and not f.startswith("thread ")]
+        frames = [_split(f) for f in stack.split(";") if f]
         if not frames:
             continue
         samples += n
-        own[frames[-1]] += n
-        for name in set(frames):
+        threads["reactor" if frames[0][0] == "<module>" else "other threads"] += n
+        own[frames[-1][1]] += n
+        for name in {label for func, label in frames if func not in _PLUMBING}:
             total[name] += n
-    def pct(counter: Counter[str]) -> list[tuple[str, float]]:
-        return [(name, 100.0 * c / samples) for name, c in counter.most_common(top)] if samples else []
 
-    return {"path": str(path), "samples": samples, "own": pct(own), "total": pct(total)}
+    def pct(counter: Counter[str], keep: Any = lambda name: True) -> list[tuple[str, float]]:
+        if not samples:
+            return []
+        chosen = [(name, c) for name, c in counter.most_common() if keep(name)][:top]
+        return [(name, 100.0 * c / samples) for name, c in chosen]
+
+    return {
+        "path": str(path),
+        "samples": samples,
+        "threads": {k: 100.0 * v / samples for k, v in threads.items()} if samples else {},
+        "own": pct(own),
+        "total_licensing": pct(total, lambda name: "(licensing/" in name),
+        "total": pct(total),
+    }
 
 
 def render(summary: dict[str, Any], title: str = "") -> str:
-    lines = [f"{title or summary['path']}: {summary['samples']} samples"]
-    for kind in ("own", "total"):
-        lines.append(f"  top by {kind} time:")
+    threads = ", ".join(f"{k} {v:.0f}%" for k, v in summary.get("threads", {}).items())
+    lines = [f"{title or summary['path']}: {summary['samples']} samples ({threads})"]
+    for kind, heading in (("own", "own time"), ("total_licensing", "total time, licensing code"),
+                          ("total", "total time, all code")):
+        lines.append(f"  top by {heading}:")
         lines += [f"    {share:5.1f}%  {name}" for name, share in summary[kind]]
     return "\n".join(lines)
 

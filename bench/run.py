@@ -68,6 +68,23 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+CONTENTION_WARNING = 0.15
+"""Cores used by other processes, on average over the windows, above which the run is flagged."""
+
+
+def other_load(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """How much CPU the rest of the machine took while windows were open (cores)."""
+    seconds = busy = peak = 0.0
+    for run in runs:
+        for p in run["result"]["phases"]:
+            if "other_cpu_util" in p:
+                seconds += p["seconds"]
+                busy += p["other_cpu_util"] * p["seconds"]
+                peak = max(peak, p["other_cpu_util"])
+    return {"mean_cores": busy / seconds if seconds else 0.0, "max_cores": peak,
+            "load_average_end": os.getloadavg()[0]}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated scenario names")
@@ -134,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             profiles.append({**p, **hotspots.summarize(path)})
 
     verdicts = judge(figures)
+    contention = other_load(bench.runs)
     doc = {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
@@ -144,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "failures": failures,
         "figures": [f.as_dict() for f in figures],
         "targets": verdicts,
+        "contention": contention,
         "profiles": profiles,
         "runs": bench.runs,
     }
@@ -154,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
           f"Twisted {m['twisted']}, {m['openssl']}; {settings.duration:g} s per point; "
           f"baseline = bare AMP over the same mutual TLS\n")
     print(table(figures))
+    if contention["mean_cores"] > CONTENTION_WARNING:
+        print(f"\nWARNING: other processes used {contention['mean_cores']:.2f} cores on average "
+              f"(up to {contention['max_cores']:.2f}) during the measurements; every figure is skewed. "
+              f"Run again on an idle machine.")
     print("\ntargets (goals from issue 5):")
     for v in verdicts:
         mark = {True: "met", False: "NOT met", None: "not measured"}[v["met"]]

@@ -10,6 +10,7 @@ drive it with ``bench.load([targets...], ...)``, and return ``Figure``s whose
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ def phase(result: dict[str, Any], name: str) -> dict[str, Any]:
 
 def _sides(m: dict[str, Any], b: dict[str, Any] | None) -> dict[str, Any]:
     """What goes beside a figure: who was busy, and any errors."""
-    keys = ("calls", "items", "seconds", "server_cpu_util", "loadgen_cpu", "errors")
+    keys = ("calls", "items", "seconds", "server_cpu_util", "loadgen_cpu", "other_cpu_util", "errors")
     detail = {"member": {k: m.get(k) for k in keys}}
     if b is not None:
         detail["baseline"] = {k: b.get(k) for k in keys}
@@ -151,14 +152,24 @@ def expiry(bench: Bench) -> list[Figure]:
     renew = phase(result, "renew")
     held = renew["items"]
     expected = marks["renewed"] + s.expiry_ttl
+    # A client checking out one lease at a time meanwhile shows how long the
+    # sweep holds up the reactor.
+    probe_plan = [{"op": "checkout", "name": "probe", "duration": max(1.0, expected - time.monotonic() + 3.0),
+                   "warmup": 0.0}, {"op": "checkin", "name": "release"}]
+    probe: dict[str, Any] = {}
+    prober = threading.Thread(target=lambda: probe.update(phase(bench.load(target, 1, 1, probe_plan), "probe")))
+    prober.start()
     samples: list[tuple[float, int, float]] = []
-    deadline = expected + 30.0
-    while time.monotonic() < deadline:
-        in_use = bench.feature_in_use(target, EXPIRY_FEATURE)
-        samples.append((time.monotonic(), -1 if in_use is None else in_use, cpu_seconds(target.pid)))
-        if in_use == 0:
-            break
-        time.sleep(0.02)
+    try:
+        deadline = expected + 30.0
+        while time.monotonic() < deadline:
+            in_use = bench.feature_in_use(target, EXPIRY_FEATURE)
+            samples.append((time.monotonic(), -1 if in_use is None else in_use, cpu_seconds(target.pid)))
+            if in_use == 0:
+                break
+            time.sleep(0.02)
+    finally:
+        prober.join()
     dropping = [t for t in samples if 0 <= t[1] < held]
     done = [t for t in samples if t[1] == 0]
     if not dropping or not done:
@@ -183,6 +194,9 @@ def expiry(bench: Bench) -> list[Figure]:
                note=f"sweep CPU {sweep_cpu:.3f} s above idle"),
         Figure("expiry", "expiry.capacity", "expiry capacity (1 / CPU per lease)", "leases/s",
                1e6 / per_lease_us if per_lease_us else None),
+        Figure("expiry", "expiry.probe_max", "max checkout latency during the sweep", "ms",
+               probe.get("max_ms"), better="lower",
+               note=f"one client checking out in a loop; its p50 was {probe.get('p50_ms') or 0:.2f} ms"),
     ]
 
 
