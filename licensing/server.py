@@ -100,7 +100,7 @@ class LicenseServer:
         self.license: License | None = None
         self.pool: IPool | None = None
         self.serving = False
-        self.issue_after = 0.0
+        self._restarted_at: float | None = None
         self.stored_sequence = 0
         self._sweeper = LoopingCall(self.expire_leases)
         self._sweeper.clock = clock
@@ -134,8 +134,8 @@ class LicenseServer:
         if license_file is not None:
             offers.append(license_file)
         if not self.store.durable:
+            self._restarted_at = now
             wait = self.max_lease_ttl()
-            self.issue_after = now + wait
             if wait:
                 log.warn(
                     "store is not durable: issuing seats resumes in {wait} s, once every lease "
@@ -165,6 +165,18 @@ class LicenseServer:
         self.serving = False
         if self._sweeper.running:
             self._sweeper.stop()
+
+    @property
+    def issue_after(self) -> float:
+        """When a server whose store forgot its leases may issue seats again.
+
+        One lease TTL after the start, judged by the license served *now*: the
+        license usually arrives after ``start`` (configured file, or from the
+        pool), and a grace fixed at start from an empty store would be zero.
+        """
+        if self._restarted_at is None:
+            return 0.0
+        return self._restarted_at + self.max_lease_ttl()
 
     def max_lease_ttl(self) -> float:
         if self.license is None:
