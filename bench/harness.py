@@ -143,16 +143,27 @@ class Bench:
         self._sandboxes.append(box)
         return box
 
-    def start_member(self, box: Sandbox, name: str = "ls1") -> Target:
-        """Start one member of ``box`` as a real ``twistd`` process and wait until it serves."""
+    def start_member(self, box: Sandbox, name: str = "ls1", wait: bool = True) -> Target:
+        """Start one member of ``box`` as a real ``twistd`` process (and wait until it serves)."""
         saved = dict(os.environ)
         os.environ.update(child_env())
         try:
-            proc = box.start(name)
+            proc = box.start(name, wait=20.0 if wait else 0)
         finally:
             os.environ.clear()
             os.environ.update(saved)
         return Target("member", box.ports[name]["client"], proc.pid, box.root / "pki", name, box)
+
+    def start_pool(self, box: Sandbox, timeout: float = 30.0) -> list[Target]:
+        """Start every member of ``box`` at once, then wait until each serves.
+
+        Members of a pool serve only once a majority is up, so they cannot be
+        started one at a time with a wait in between.
+        """
+        targets = [self.start_member(box, name, wait=False) for name in box.members]
+        for name in box.members:
+            box.wait_serving(name, timeout)
+        return targets
 
     def member(self) -> Target:
         """The shared single member (started on first use)."""

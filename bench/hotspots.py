@@ -44,16 +44,34 @@ def _split(frame: str) -> tuple[str, str]:
     return m.group("func"), f"{m.group('func')} ({short})"
 
 
+# Where a sample's time goes, judged by the stack: the first rule that matches wins.
+_CATEGORIES = (
+    ("store thread", lambda frames, leaf: frames[0][0] == "Thread._bootstrap"),
+    ("logging", lambda frames, leaf: any(f.startswith("Logger.") or "logger/" in label or "logfile" in label
+                                        for f, label in frames)),
+    ("TLS (pyOpenSSL)", lambda frames, leaf: "OpenSSL/" in leaf or "protocols/tls.py" in leaf),
+    ("AMP encode/decode", lambda frames, leaf: "protocols/amp.py" in leaf or "protocols/basic.py" in leaf
+     or "licensing/wire.py" in leaf),
+    ("Deferreds and coroutines", lambda frames, leaf: "internet/defer.py" in leaf),
+    ("licensing code", lambda frames, leaf: "(licensing/" in leaf),
+    ("stdlib", lambda frames, leaf: "/" not in leaf.rsplit("(", 1)[-1] or "<string>" in leaf),
+    ("reactor and syscalls", lambda frames, leaf: "internet/" in leaf or "python/" in leaf),
+)
+
+
 def summarize(path: Path, top: int = 15) -> dict[str, Any]:
     """Own-time and total-time tops of one raw py-spy profile, in percent of all samples.
 
-    ``total_licensing`` ranks only this project's functions; ``total`` leaves
+    ``categories`` sorts every sample into one kind of work (store thread,
+    logging, TLS, AMP, Deferreds, licensing code, ...). ``total_licensing`` ranks only this project's functions; ``total`` leaves
     out the plumbing frames that are on every stack. ``threads`` splits the
-    samples between the reactor thread and the others (the store's thread).
+    samples between the reactor thread, worker threads (the store's) and
+    stacks py-spy could read only in part.
     """
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
     threads: Counter[str] = Counter()
+    categories: Counter[str] = Counter()
     samples = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
@@ -64,8 +82,13 @@ def summarize(path: Path, top: int = 15) -> dict[str, Any]:
         if not frames:
             continue
         samples += n
-        threads["reactor" if frames[0][0] == "<module>" else "other threads"] += n
+        # py-spy --nonblocking sometimes reads a stack mid-change and gets only its top part.
+        root = frames[0][0]
+        threads["reactor" if root == "<module>" else "worker threads" if root == "Thread._bootstrap"
+                else "partial stacks"] += n
         own[frames[-1][1]] += n
+        leaf = frames[-1][1]
+        categories[next((name for name, rule in _CATEGORIES if rule(frames, leaf)), "other")] += n
         for name in {label for func, label in frames if func not in _PLUMBING}:
             total[name] += n
 
@@ -79,6 +102,7 @@ def summarize(path: Path, top: int = 15) -> dict[str, Any]:
         "path": str(path),
         "samples": samples,
         "threads": {k: 100.0 * v / samples for k, v in threads.items()} if samples else {},
+        "categories": pct(categories),
         "own": pct(own),
         "total_licensing": pct(total, lambda name: "(licensing/" in name),
         "total": pct(total),
@@ -88,7 +112,7 @@ def summarize(path: Path, top: int = 15) -> dict[str, Any]:
 def render(summary: dict[str, Any], title: str = "") -> str:
     threads = ", ".join(f"{k} {v:.0f}%" for k, v in summary.get("threads", {}).items())
     lines = [f"{title or summary['path']}: {summary['samples']} samples ({threads})"]
-    for kind, heading in (("own", "own time"), ("total_licensing", "total time, licensing code"),
+    for kind, heading in (("categories", "kind of work"), ("own", "own time"), ("total_licensing", "total time, licensing code"),
                           ("total", "total time, all code")):
         lines.append(f"  top by {heading}:")
         lines += [f"    {share:5.1f}%  {name}" for name, share in summary[kind]]

@@ -106,6 +106,9 @@ class Phase:
     def close(self) -> None:
         if self.window_end is not None:
             return
+        if self.window_start is None:
+            # Every worker gave up before the warm-up ended: an empty window.
+            self.open()
         self.window_end = time.perf_counter()
         self.cpu_end = cpu_seconds()
         emit({"event": "window-end", "phase": self.name})
@@ -264,15 +267,19 @@ async def run_phase(reactor: Any, workers: list[Worker], spec: dict[str, Any]) -
         return None
     phase = Phase(name, op)
     duration = spec.get("duration")
+    timers = []
     if duration is not None:
         warmup = float(spec.get("warmup", 0.5))
-        reactor.callLater(warmup, phase.open)
+
+        def start() -> None:
+            if phase.window_end is None:
+                phase.open()
 
         def stop() -> None:
             phase.close()
             phase.issuing = False
 
-        reactor.callLater(warmup + float(duration), stop)
+        timers = [reactor.callLater(warmup, start), reactor.callLater(warmup + float(duration), stop)]
     else:
         phase.open()
     if op == "checkout":
@@ -292,6 +299,9 @@ async def run_phase(reactor: Any, workers: list[Worker], spec: dict[str, Any]) -
     else:
         raise SystemExit(f"unknown op {op!r}")
     await defer.gatherResults([defer.Deferred.fromCoroutine(r) for r in runs], consumeErrors=True)
+    for timer in timers:
+        if timer.active():
+            timer.cancel()
     phase.close()
     return {"name": name, **phase.summary()}
 

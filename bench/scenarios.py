@@ -241,3 +241,21 @@ def memory(bench: Bench) -> list[Figure]:
         Figure("memory", "memory.checkin_rate", f"checkin rate draining {held:,}", "calls/s",
                release["calls_per_s"], detail=_sides(release, None)),
     ]
+
+
+@scenario("pool-checkout", "checkout spread over a 3-member pool (preview until the pool lands)", default=False)
+def pool_checkout(bench: Bench) -> list[Figure]:
+    s = bench.settings
+    box = bench.new_sandbox("pool", members=("ls1", "ls2", "ls3"))
+    members = bench.start_pool(box)
+    figures: list[Figure] = []
+    for n, k in ((3, 1), (50, 4)):
+        shape = f"{n}x{k}"
+        plan = [{"op": "checkout", "name": "checkout", "duration": s.duration, "warmup": s.warmup},
+                {"op": "checkin", "name": "release"}]
+        m = phase(bench.load(members, n, k, plan), "checkout")
+        b = phase(bench.load(bench.baseline(), n, k, plan), "checkout")
+        figures += rate_and_latency("pool-checkout", shape, "calls/s", m, b)
+        if m["errors"]:
+            figures[-4].note = f"errors: {m['errors']}"
+    return figures
