@@ -119,4 +119,6 @@ class InstallLicense(amp.Command):
     commandName = b"install-license"
     arguments = [(b"license", ChunkedBytes())]
     response = [(b"sequence", amp.Integer())]
-    errors = {**REQUEST_ERRORS, LicenseFileError: b"LICENSE_FILE", StaleLicense: b"STALE_LICENSE"}
+    # AMP maps an error to the first listed class it is an instance of: the
+    # subclass StaleLicense must come before its base LicenseFileError.
+    errors = {**REQUEST_ERRORS, StaleLicense: b"STALE_LICENSE", LicenseFileError: b"LICENSE_FILE"}
