@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -44,6 +44,27 @@ class ClientLocator(amp.CommandLocator):
         super().__init__()
         self.server = server
         self.connection = connection
+
+    def locateResponder(self, name: bytes) -> Any:  # noqa: N802 - Twisted API
+        """The responder for ``name``, answering arguments that do not parse with BadRequest.
+
+        AMP parses a box's values before our code runs; a value that is not
+        what the schema says (a count that is not an integer, text that is not
+        UTF-8, a missing key) would otherwise be logged as a failure and drop
+        the connection.
+        """
+        responder = super().locateResponder(name)
+        if responder is None:
+            return None
+
+        def parse_or_refuse(box: amp.AmpBox) -> Any:
+            try:
+                return responder(box)
+            except (KeyError, ValueError, TypeError) as e:
+                code = commands.REQUEST_ERRORS[BadRequest]
+                return fail(amp.RemoteAmpError(code, f"malformed arguments: {e}"[:200]))
+
+        return parse_or_refuse
 
     def _guarded(self, coro: Any) -> Deferred:
         conn = self.connection
