@@ -427,6 +427,20 @@ class StoreContract:
             assert len((yield reopened.load()).leases) == 10
 
     @contract
+    def test_every_close_waits_for_the_pending_writes(
+        self,
+    ) -> Generator[Deferred[Any], Any, None]:
+        """A second close while the first is finishing also fires only after the writes."""
+        store = self.store()
+        order: list[str] = []
+        store.put_leases([make_lease("a")]).addCallback(lambda _: order.append("write"))
+        first = store.close().addCallback(lambda _: order.append("close"))
+        second = store.close().addCallback(lambda _: order.append("close"))
+        yield gatherResults([first, second])
+        assert order == ["write", "close", "close"]
+        yield store.close()
+
+    @contract
     def test_calls_after_close_fail(self) -> Generator[Deferred[Any], Any, None]:
         """Every call after close fails with StoreError; closing again is harmless."""
         store = self.store()

@@ -123,7 +123,8 @@ class SQLiteStore:
         self._in_flight = False
         self._kicking = False
         self._closing = False
-        self._closed = False
+        self._releasing = False
+        self._released = False
         self._close_waiters: list[Deferred[None]] = []
         self._pool: ThreadPool | None = None
         self._shutdown_trigger: Any = None
@@ -177,7 +178,7 @@ class SQLiteStore:
 
         Writes called after this fail with StoreError at once.
         """
-        if self._closed:
+        if self._released:
             return succeed(None)
         if not self._closing:
             self._closing = True
@@ -191,7 +192,7 @@ class SQLiteStore:
 
     def _start_pool(self) -> None:
         # A store closed before the reactor started needs no thread.
-        if self._pool is not None and not self._closed:
+        if self._pool is not None and not self._releasing:
             self._pool.start()
 
     def _close_at_shutdown(self) -> Deferred[None]:
@@ -257,21 +258,22 @@ class SQLiteStore:
         self._release_when_idle()
 
     def _release_when_idle(self) -> None:
-        if not self._closing or self._closed or self._in_flight or self._queue:
+        if not self._closing or self._releasing or self._in_flight or self._queue:
             return
-        self._closed = True
+        self._releasing = True
         if self._pool is not None and not self._pool.started:
             # The reactor never ran, so the thread never started and nothing
             # else can be using the connection: close it here.
             self._conn.close()
-            self._released(None)
+            self._finish_close(None)
             return
         closed = self._run(self._conn.close)
-        closed.addBoth(self._released)
+        closed.addBoth(self._finish_close)
 
-    def _released(self, outcome: object) -> None:
+    def _finish_close(self, outcome: object) -> None:
         if self._pool is not None:
             self._pool.stop()
+        self._released = True
         waiters, self._close_waiters = self._close_waiters, []
         for waiter in waiters:
             if isinstance(outcome, Failure):
