@@ -98,4 +98,7 @@ def table(figures: list[Figure]) -> str:
         lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
+    notes = [f"  {f.key}: {f.note}" for f in figures if f.note]
+    if notes:
+        lines += ["", "notes:", *notes]
     return "\n".join(lines)

@@ -236,7 +236,8 @@ class Bench:
                     s[f"rss_{edge}"] = sum(rss_bytes(t.pid) for t in group)
                     s[f"wall_{edge}"] = time.monotonic()
                     if profile == event["phase"] and edge == "start":
-                        spies = [p for p in (self._start_profiler(t, event["phase"]) for t in group) if p]
+                        shape = f"{connections}x{outstanding}"
+                        spies = [p for p in (self._start_profiler(t, event["phase"], shape) for t in group) if p]
                     if spies and edge == "end":
                         self._stop_profilers(spies)
                         spies = []
@@ -274,19 +275,20 @@ class Bench:
 
     # -- profiling -----------------------------------------------------------
 
-    def _start_profiler(self, target: Target, phase: str) -> subprocess.Popen | None:
+    def _start_profiler(self, target: Target, phase: str, shape: str) -> subprocess.Popen | None:
         from shutil import which
 
         spy = which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         if not Path(spy).exists():
             self.progress("py-spy not found; profiling skipped (pip install py-spy)")
             return None
-        out = self.workdir / "profiles" / f"{target.kind}-{phase}-{len(self.profiles)}.txt"
+        out = self.workdir / "profiles" / f"{target.kind}-{target.server_name}-{phase}-{shape}.txt"
         out.parent.mkdir(exist_ok=True)
         proc = self._spawn([spy, "record", "--pid", str(target.pid), "--format", "raw", "--rate", str(self.settings.profile_rate),
                             "--nonblocking", "--output", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.profiles.append({"target": target.kind, "phase": phase, "path": str(out)})
+        self.profiles.append({"target": f"{target.kind} {target.server_name}", "phase": phase, "shape": shape,
+                              "path": str(out)})
         return proc
 
     def _stop_profilers(self, procs: list[subprocess.Popen]) -> None:

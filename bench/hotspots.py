@@ -1,7 +1,7 @@
 """Summaries of py-spy's raw (collapsed-stack) profiles: where the server's time goes.
 
 ``python bench/run.py --profile`` records the member with ``py-spy record
---format raw`` while the checkout (50x4) and heartbeat (10x4) windows are
+--format raw`` while the checkout (1x1, 50x4) and heartbeat (10x4) windows are
 open; this module turns each file into the top functions by own time (the
 frame on top of the stack) and by total time (anywhere on the stack), in
 percent of the samples taken. Run it by hand on a kept profile:

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
         for sc in SCENARIOS.values():
-            print(f"{sc.name:12} {'' if sc.default else '(not by default) '}{sc.description}")
+            print(f"{sc.name:14} {'' if sc.default else '(not by default) '}{sc.description}")
         return 0
     names = [n for n in args.only.split(",") if n] or [n for n, sc in SCENARIOS.items() if sc.default]
     unknown = [n for n in names if n not in SCENARIOS]
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  [{mark:>12}] {v['target']}: {v['measured']}")
     for p in profiles:
         print()
-        print(hotspots.render(p, f"py-spy profile of the {p['target']} during {p['phase']}"))
+        print(hotspots.render(p, f"py-spy profile of {p['target']} during {p['phase']} {p['shape']}"))
     for name, why in failures.items():
         print(f"\nscenario {name} failed: {why}")
     print(f"\nwrote {args.output} in {doc['total_seconds']:.0f} s")

@@ -91,7 +91,7 @@ def checkout(bench: Bench) -> list[Figure]:
         shape = f"{n}x{k}"
         plan = [{"op": "checkout", "name": "checkout", "duration": s.duration, "warmup": s.warmup},
                 {"op": "checkin", "name": "release"}]
-        profile = "checkout" if s.profile and shape == "50x4" else None
+        profile = "checkout" if s.profile and shape in ("1x1", "50x4") else None
         m = phase(bench.load(bench.member(), n, k, plan, profile=profile), "checkout")
         b = phase(bench.load(bench.baseline(), n, k, plan), "checkout")
         figures += rate_and_latency("checkout", shape, "calls/s", m, b)
