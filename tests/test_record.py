@@ -86,6 +86,7 @@ def test_forged_license_entry_is_skipped(vendor):
     assert rec.license is None
 
 
+@pytest.mark.allow_logged_errors
 def test_allocation_entry_never_exceeds_count(vendor):
     """An allocation change that would exceed the count is refused."""
     rec = make_record(vendor)
