@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
@@ -36,8 +38,11 @@ log = Logger()
 EndpointFactory = Callable[[str, str, int], IStreamClientEndpoint]
 """Makes the endpoint of a member from its name, host and port (as Locate tells them)."""
 
+# A failed TLS handshake (the member's certificate does not verify or name
+# it, or it refuses ours) ends the connection with the TLS error itself, not
+# a ConnectionClosed: that member is as unusable as an unreachable one.
 _FAILOVER_ERRORS = (NotServing, NoQuorum, DeferredTimeout, ConnectError, ConnectionClosed,
-                    amp.ProtocolSwitched, CancelledError)
+                    amp.ProtocolSwitched, CancelledError, SSL.Error, VerificationError)
 
 
 class Unreachable(LicensingError):
