@@ -228,11 +228,13 @@ class PKI:
     foreign_ca: Path
     foreign_client_cert: Path
     foreign_client_key: Path
+    ls2_cert: Path
+    ls2_key: Path
 
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
-    """A pool CA with server ``ls1`` and a client, plus a client of an unrelated CA."""
+    """A pool CA with servers ``ls1``, ``ls2`` and a client, plus a client of an unrelated CA."""
     from licensing.pki import init_ca, issue_certificate
 
     root = tmp_path_factory.mktemp("pki")
@@ -241,5 +243,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     client_cert, client_key = issue_certificate(root / "pool", "client", client=True)
     foreign_ca, _ = init_ca(root / "foreign")
     foreign_cert, foreign_key = issue_certificate(root / "foreign", "client", client=True)
+    ls2_cert, ls2_key = issue_certificate(root / "pool", "ls2")
     return PKI(ca, server_cert, server_key, client_cert, client_key, foreign_ca, foreign_cert,
-               foreign_key)
+               foreign_key, ls2_cert, ls2_key)
