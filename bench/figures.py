@@ -50,8 +50,12 @@ class Target:
         figure = figures.get(self.key)
         if figure is None or figure.value is None:
             return {"target": self.description, "figure": self.key, "met": None, "measured": "not measured"}
-        return {"target": self.description, "figure": self.key, "met": bool(self.check(figure)),
-                "measured": self.show(figure)}
+        return {
+            "target": self.description,
+            "figure": self.key,
+            "met": bool(self.check(figure)),
+            "measured": self.show(figure),
+        }
 
 
 def _ratio(f: Figure) -> str:
@@ -59,14 +63,30 @@ def _ratio(f: Figure) -> str:
 
 
 TARGETS = [
-    Target("checkout.50x4.rate", "checkout throughput, 50 connections >= 0.75x baseline",
-           lambda f: f.ratio is not None and f.ratio >= 0.75, _ratio),
-    Target("checkout.1x1.p50", "checkout p50 latency (sequential) <= 1.3x baseline",
-           lambda f: f.ratio is not None and f.ratio <= 1.3, _ratio),
-    Target("heartbeat.10x4.rate", "heartbeat renewals/s (100 leases a call) >= 0.5x baseline",
-           lambda f: f.ratio is not None and f.ratio >= 0.5, _ratio),
-    Target("memory.bytes_per_lease", "resident memory per lease <= 1 KiB",
-           lambda f: f.value is not None and f.value <= 1024, lambda f: f"{f.value:.0f} B/lease"),
+    Target(
+        "checkout.50x4.rate",
+        "checkout throughput, 50 connections >= 0.75x baseline",
+        lambda f: f.ratio is not None and f.ratio >= 0.75,
+        _ratio,
+    ),
+    Target(
+        "checkout.1x1.p50",
+        "checkout p50 latency (sequential) <= 1.3x baseline",
+        lambda f: f.ratio is not None and f.ratio <= 1.3,
+        _ratio,
+    ),
+    Target(
+        "heartbeat.10x4.rate",
+        "heartbeat renewals/s (100 leases a call) >= 0.5x baseline",
+        lambda f: f.ratio is not None and f.ratio >= 0.5,
+        _ratio,
+    ),
+    Target(
+        "memory.bytes_per_lease",
+        "resident memory per lease <= 1 KiB",
+        lambda f: f.value is not None and f.value <= 1024,
+        lambda f: f"{f.value:.0f} B/lease",
+    ),
 ]
 
 
@@ -94,7 +114,8 @@ def table(figures: list[Figure]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
-        cells = [c.ljust(w) if i < 2 or i == 5 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        pairs = enumerate(zip(row, widths, strict=True))
+        cells = [c.ljust(w) if i < 2 or i == 5 else c.rjust(w) for i, (c, w) in pairs]
         lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))

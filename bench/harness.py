@@ -45,8 +45,7 @@ EXPIRY_FEATURE = "bench-expiry"
 def child_env() -> dict[str, str]:
     """The environment for every child: this tree first on the path, output unbuffered."""
     path = os.environ.get("PYTHONPATH", "")
-    return dict(os.environ, PYTHONPATH=str(REPO) + (os.pathsep + path if path else ""),
-                PYTHONUNBUFFERED="1")
+    return dict(os.environ, PYTHONPATH=str(REPO) + (os.pathsep + path if path else ""), PYTHONUNBUFFERED="1")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -135,11 +134,17 @@ class Bench:
 
     # -- targets -------------------------------------------------------------
 
-    def new_sandbox(self, tag: str, members: tuple[str, ...] = ("ls1",),
-                    timings: Mapping[str, float] | None = None) -> Sandbox:
+    def new_sandbox(
+        self, tag: str, members: tuple[str, ...] = ("ls1",), timings: Mapping[str, float] | None = None
+    ) -> Sandbox:
         """A fresh pool directory (own CA, license, data) under the run's work dir."""
-        box = make_sandbox(self.workdir / tag, members, features=self.settings.features(),
-                           store=self.settings.store, timings=timings)
+        box = make_sandbox(
+            self.workdir / tag,
+            members,
+            features=self.settings.features(),
+            store=self.settings.store,
+            timings=timings,
+        )
         self._sandboxes.append(box)
         return box
 
@@ -175,9 +180,19 @@ class Bench:
         """The bare AMP server, with the shared member's certificate and CA."""
         if self._baseline is None:
             pki = self.member().pki
-            proc = self._spawn([sys.executable, str(BENCH / "baseline_server.py"), "--ca", str(pki / "ca.pem"),
-                                "--cert", str(pki / "ls1.pem"), "--key", str(pki / "ls1.key")],
-                               stdout=subprocess.PIPE)
+            proc = self._spawn(
+                [
+                    sys.executable,
+                    str(BENCH / "baseline_server.py"),
+                    "--ca",
+                    str(pki / "ca.pem"),
+                    "--cert",
+                    str(pki / "ls1.pem"),
+                    "--key",
+                    str(pki / "ls1.key"),
+                ],
+                stdout=subprocess.PIPE,
+            )
             line = proc.stdout.readline() if proc.stdout else ""
             if not line:
                 raise RuntimeError("the baseline server exited before listening")
@@ -193,10 +208,18 @@ class Bench:
 
     # -- load --------------------------------------------------------------
 
-    def load(self, targets: Target | list[Target], connections: int, outstanding: int,
-             plan: list[dict[str, Any]], *, clients: int = 0, feature: str = FEATURE,
-             profile: str | None = None,
-             on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def load(
+        self,
+        targets: Target | list[Target],
+        connections: int,
+        outstanding: int,
+        plan: list[dict[str, Any]],
+        *,
+        clients: int = 0,
+        feature: str = FEATURE,
+        profile: str | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """Run one load generator against ``targets``; its result with server-side samples added.
 
         With several targets (members of a pool) the connections are spread
@@ -209,12 +232,30 @@ class Bench:
         """
         group = [targets] if isinstance(targets, Target) else list(targets)
         pki = group[0].pki
-        argv = [sys.executable, str(BENCH / "loadgen.py"),
-                "--port", ",".join(str(t.port) for t in group),
-                "--server-name", ",".join(t.server_name for t in group),
-                "--ca", str(pki / "ca.pem"), "--cert", str(pki / "client.pem"), "--key", str(pki / "client.key"),
-                "--connections", str(connections), "--outstanding", str(outstanding),
-                "--clients", str(clients), "--feature", feature, "--plan", json.dumps(plan)]
+        argv = [
+            sys.executable,
+            str(BENCH / "loadgen.py"),
+            "--port",
+            ",".join(str(t.port) for t in group),
+            "--server-name",
+            ",".join(t.server_name for t in group),
+            "--ca",
+            str(pki / "ca.pem"),
+            "--cert",
+            str(pki / "client.pem"),
+            "--key",
+            str(pki / "client.key"),
+            "--connections",
+            str(connections),
+            "--outstanding",
+            str(outstanding),
+            "--clients",
+            str(clients),
+            "--feature",
+            feature,
+            "--plan",
+            json.dumps(plan),
+        ]
         stderr = tempfile.TemporaryFile(mode="w+")
         proc = self._spawn(argv, stdout=subprocess.PIPE, stderr=stderr)
         timer = threading.Timer(self.settings.loadgen_timeout, _killpg, (proc,))
@@ -237,7 +278,9 @@ class Bench:
                     s[f"wall_{edge}"] = time.monotonic()
                     if profile == event["phase"] and edge == "start":
                         shape = f"{connections}x{outstanding}"
-                        spies = [p for p in (self._start_profiler(t, event["phase"], shape) for t in group) if p]
+                        spies = [
+                            p for p in (self._start_profiler(t, event["phase"], shape) for t in group) if p
+                        ]
                     if spies and edge == "end":
                         self._stop_profilers(spies)
                         spies = []
@@ -268,9 +311,18 @@ class Bench:
                 others = (s["busy_end"] - s["busy_start"]) - cpu - (s["gen_end"] - s["gen_start"])
                 phase["other_cpu_util"] = max(0.0, others) / phase["seconds"] if phase["seconds"] else 0.0
         result["target"] = "+".join(t.kind for t in group)
-        self.runs.append({"scenario": self.scenario, "targets": [t.kind for t in group],
-                          "connections": connections, "outstanding": outstanding, "clients": clients,
-                          "feature": feature, "plan": plan, "result": result})
+        self.runs.append(
+            {
+                "scenario": self.scenario,
+                "targets": [t.kind for t in group],
+                "connections": connections,
+                "outstanding": outstanding,
+                "clients": clients,
+                "feature": feature,
+                "plan": plan,
+                "result": result,
+            }
+        )
         return result
 
     # -- profiling -----------------------------------------------------------
@@ -284,11 +336,31 @@ class Bench:
             return None
         out = self.workdir / "profiles" / f"{target.kind}-{target.server_name}-{phase}-{shape}.txt"
         out.parent.mkdir(exist_ok=True)
-        proc = self._spawn([spy, "record", "--pid", str(target.pid), "--format", "raw", "--rate", str(self.settings.profile_rate),
-                            "--nonblocking", "--output", str(out)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.profiles.append({"target": f"{target.kind} {target.server_name}", "phase": phase, "shape": shape,
-                              "path": str(out)})
+        proc = self._spawn(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(target.pid),
+                "--format",
+                "raw",
+                "--rate",
+                str(self.settings.profile_rate),
+                "--nonblocking",
+                "--output",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.profiles.append(
+            {
+                "target": f"{target.kind} {target.server_name}",
+                "phase": phase,
+                "shape": shape,
+                "path": str(out),
+            }
+        )
         return proc
 
     def _stop_profilers(self, procs: list[subprocess.Popen]) -> None:

@@ -20,15 +20,32 @@ _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>.*?)(?::(?P<line>\d+))?\)$")
 
 # Frames on (nearly) every stack: the twistd start-up chain, the reactor's
 # dispatch and the thread pool's plumbing. They say nothing about hot spots.
-_PLUMBING = frozenset({
-    "<module>", "run", "runApp", "ApplicationRunner.run", "UnixApplicationRunner.postApplication",
-    "ApplicationRunner.startReactor", "runReactorWithLogging", "ReactorBase.run", "ReactorBase.mainLoop",
-    "EPollReactor.doPoll", "callWithLogger", "callWithContext", "ThreadedContextTracker.callWithContext",
-    "ContextTracker.callWithContext", "_PollLikeMixin._doReadOrWrite", "Thread._bootstrap",
-    "Thread._bootstrap_inner", "Thread.run", "ThreadWorker.__init__.<locals>.work",
-    "Team._coordinateThisTask.<locals>.doWork", "ThreadPool.callInThreadWithCallback.<locals>.inContext",
-    "ThreadPool.callInThreadWithCallback.<locals>.<lambda>",
-})
+_PLUMBING = frozenset(
+    {
+        "<module>",
+        "run",
+        "runApp",
+        "ApplicationRunner.run",
+        "UnixApplicationRunner.postApplication",
+        "ApplicationRunner.startReactor",
+        "runReactorWithLogging",
+        "ReactorBase.run",
+        "ReactorBase.mainLoop",
+        "EPollReactor.doPoll",
+        "callWithLogger",
+        "callWithContext",
+        "ThreadedContextTracker.callWithContext",
+        "ContextTracker.callWithContext",
+        "_PollLikeMixin._doReadOrWrite",
+        "Thread._bootstrap",
+        "Thread._bootstrap_inner",
+        "Thread.run",
+        "ThreadWorker.__init__.<locals>.work",
+        "Team._coordinateThisTask.<locals>.doWork",
+        "ThreadPool.callInThreadWithCallback.<locals>.inContext",
+        "ThreadPool.callInThreadWithCallback.<locals>.<lambda>",
+    }
+)
 
 
 def _split(frame: str) -> tuple[str, str]:
@@ -47,11 +64,19 @@ def _split(frame: str) -> tuple[str, str]:
 # Where a sample's time goes, judged by the stack: the first rule that matches wins.
 _CATEGORIES = (
     ("store thread", lambda frames, leaf: frames[0][0] == "Thread._bootstrap"),
-    ("logging", lambda frames, leaf: any(f.startswith("Logger.") or "logger/" in label or "logfile" in label
-                                        for f, label in frames)),
+    (
+        "logging",
+        lambda frames, leaf: any(
+            f.startswith("Logger.") or "logger/" in label or "logfile" in label for f, label in frames
+        ),
+    ),
     ("TLS (pyOpenSSL)", lambda frames, leaf: "OpenSSL/" in leaf or "protocols/tls.py" in leaf),
-    ("AMP encode/decode", lambda frames, leaf: "protocols/amp.py" in leaf or "protocols/basic.py" in leaf
-     or "licensing/wire.py" in leaf),
+    (
+        "AMP encode/decode",
+        lambda frames, leaf: (
+            "protocols/amp.py" in leaf or "protocols/basic.py" in leaf or "licensing/wire.py" in leaf
+        ),
+    ),
     ("Deferreds and coroutines", lambda frames, leaf: "internet/defer.py" in leaf),
     ("licensing code", lambda frames, leaf: "(licensing/" in leaf),
     ("stdlib", lambda frames, leaf: "/" not in leaf.rsplit("(", 1)[-1] or "<string>" in leaf),
@@ -63,8 +88,9 @@ def summarize(path: Path, top: int = 15) -> dict[str, Any]:
     """Own-time and total-time tops of one raw py-spy profile, in percent of all samples.
 
     ``categories`` sorts every sample into one kind of work (store thread,
-    logging, TLS, AMP, Deferreds, licensing code, ...). ``total_licensing`` ranks only this project's functions; ``total`` leaves
-    out the plumbing frames that are on every stack. ``threads`` splits the
+    logging, TLS, AMP, Deferreds, licensing code, ...). ``total_licensing``
+    ranks only this project's functions; ``total`` leaves out the plumbing
+    frames that are on every stack. ``threads`` splits the
     samples between the reactor thread, worker threads (the store's) and
     stacks py-spy could read only in part.
     """
@@ -84,8 +110,13 @@ def summarize(path: Path, top: int = 15) -> dict[str, Any]:
         samples += n
         # py-spy --nonblocking sometimes reads a stack mid-change and gets only its top part.
         root = frames[0][0]
-        threads["reactor" if root == "<module>" else "worker threads" if root == "Thread._bootstrap"
-                else "partial stacks"] += n
+        threads[
+            "reactor"
+            if root == "<module>"
+            else "worker threads"
+            if root == "Thread._bootstrap"
+            else "partial stacks"
+        ] += n
         own[frames[-1][1]] += n
         leaf = frames[-1][1]
         categories[next((name for name, rule in _CATEGORIES if rule(frames, leaf)), "other")] += n
@@ -112,8 +143,12 @@ def summarize(path: Path, top: int = 15) -> dict[str, Any]:
 def render(summary: dict[str, Any], title: str = "") -> str:
     threads = ", ".join(f"{k} {v:.0f}%" for k, v in summary.get("threads", {}).items())
     lines = [f"{title or summary['path']}: {summary['samples']} samples ({threads})"]
-    for kind, heading in (("categories", "kind of work"), ("own", "own time"), ("total_licensing", "total time, licensing code"),
-                          ("total", "total time, all code")):
+    for kind, heading in (
+        ("categories", "kind of work"),
+        ("own", "own time"),
+        ("total_licensing", "total time, licensing code"),
+        ("total", "total time, all code"),
+    ):
         lines.append(f"  top by {heading}:")
         lines += [f"    {share:5.1f}%  {name}" for name, share in summary[kind]]
     return "\n".join(lines)

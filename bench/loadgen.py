@@ -168,8 +168,15 @@ class Worker:
             client = self._client()
             started = time.perf_counter()
             try:
-                answer = await self._call(commands.Checkout, feature=self.feature, version="",
-                                          client_id=client, user=self.user, host=self.host, count=1)
+                answer = await self._call(
+                    commands.Checkout,
+                    feature=self.feature,
+                    version="",
+                    client_id=client,
+                    user=self.user,
+                    host=self.host,
+                    count=1,
+                )
             except Exception:
                 phase.fail(_failure())
                 if self._gone():
@@ -185,7 +192,7 @@ class Worker:
         for client in self.clients:
             held = self.leases[client]
             for i in range(0, len(held), per_call):
-                out.append((client, held[i:i + per_call]))
+                out.append((client, held[i : i + per_call]))
         return out
 
     async def heartbeat(self, phase: Phase, per_call: int, rounds: int | None) -> None:
@@ -289,7 +296,7 @@ async def run_phase(reactor: Any, workers: list[Worker], spec: dict[str, Any]) -
             counts = [int(spec["per_client"]) * len(w.clients) for w in workers]
         else:
             counts = list(_split(int(spec["count"]), len(workers)))
-        runs = [w.checkout(phase, n) for w, n in zip(workers, counts)]
+        runs = [w.checkout(phase, n) for w, n in zip(workers, counts, strict=True)]
     elif op == "heartbeat":
         per_call = int(spec.get("leases_per_call", 100))
         rounds = None if duration is not None else int(spec.get("rounds", 1))
@@ -314,7 +321,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
         raise SystemExit("--server-name needs one name per --port")
     endpoints = [
         SSL4ClientEndpoint(reactor, args.host, port, client_tls_options(name, args.ca, args.cert, args.key))
-        for port, name in zip(ports, names)
+        for port, name in zip(ports, names, strict=True)
     ]
     started = time.perf_counter()
     protos = await defer.gatherResults(
@@ -340,23 +347,28 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
     for p in protos:
         if p.transport is not None:
             p.transport.loseConnection()
-    emit({
-        "event": "result",
-        "connections": args.connections,
-        "outstanding": args.outstanding,
-        "clients": n_clients,
-        "connect_seconds": connect_seconds,
-        "leases_held": sum(len(v) for w in workers for v in w.leases.values()),
-        "phases": phases,
-    })
+    emit(
+        {
+            "event": "result",
+            "connections": args.connections,
+            "outstanding": args.outstanding,
+            "clients": n_clients,
+            "connect_seconds": connect_seconds,
+            "leases_held": sum(len(v) for w in workers for v in w.leases.values()),
+            "phases": phases,
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", required=True, help="port, or comma-separated ports of several members")
-    parser.add_argument("--server-name", default="ls1",
-                        help="member name its certificate must carry (comma-separated, one per port)")
+    parser.add_argument(
+        "--server-name",
+        default="ls1",
+        help="member name its certificate must carry (comma-separated, one per port)",
+    )
     parser.add_argument("--ca", type=Path, required=True)
     parser.add_argument("--cert", type=Path, required=True)
     parser.add_argument("--key", type=Path, required=True)

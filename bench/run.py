@@ -34,8 +34,9 @@ def machine_info() -> dict[str, Any]:
     """What the figures depend on: the machine and the versions in use."""
     import cryptography
     import OpenSSL
-    import twisted
     from cryptography.hazmat.backends.openssl.backend import backend
+
+    import twisted
 
     info: dict[str, Any] = {
         "cpu_count": os.cpu_count(),
@@ -58,10 +59,19 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                            text=True, timeout=10).stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "licensing"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        info["git_commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "licensing"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         info["licensing_tree_dirty"] = bool(dirty)
     except (OSError, subprocess.SubprocessError):
         info["git_commit"] = None
@@ -81,15 +91,20 @@ def other_load(runs: list[dict[str, Any]]) -> dict[str, float]:
                 seconds += p["seconds"]
                 busy += p["other_cpu_util"] * p["seconds"]
                 peak = max(peak, p["other_cpu_util"])
-    return {"mean_cores": busy / seconds if seconds else 0.0, "max_cores": peak,
-            "load_average_end": os.getloadavg()[0]}
+    return {
+        "mean_cores": busy / seconds if seconds else 0.0,
+        "max_cores": peak,
+        "load_average_end": os.getloadavg()[0],
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated scenario names")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
-    parser.add_argument("--duration", type=float, default=Settings.duration, help="seconds per measured point")
+    parser.add_argument(
+        "--duration", type=float, default=Settings.duration, help="seconds per measured point"
+    )
     parser.add_argument("--quick", action="store_true", help="small lease counts and 1 s points (smoke test)")
     parser.add_argument("--profile", action="store_true", help="sample the member with py-spy")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results.json")
@@ -133,8 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in names:
             bench.scenario = name
-            print(f"[{time.monotonic() - started:6.1f} s] {name}: {SCENARIOS[name].description}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{time.monotonic() - started:6.1f} s] {name}: {SCENARIOS[name].description}",
+                file=sys.stderr,
+                flush=True,
+            )
             t0 = time.monotonic()
             try:
                 figures += SCENARIOS[name].run(bench)
@@ -169,14 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_text(json.dumps(doc, indent=1, default=str) + "\n")
 
     m = doc["machine"]
-    print(f"\nlicensing benchmarks: {m['cpu_count']} CPUs ({m.get('cpu_model')}), Python {m['python']}, "
-          f"Twisted {m['twisted']}, {m['openssl']}; {settings.duration:g} s per point; "
-          f"baseline = bare AMP over the same mutual TLS\n")
+    print(
+        f"\nlicensing benchmarks: {m['cpu_count']} CPUs ({m.get('cpu_model')}), Python {m['python']}, "
+        f"Twisted {m['twisted']}, {m['openssl']}; {settings.duration:g} s per point; "
+        f"baseline = bare AMP over the same mutual TLS\n"
+    )
     print(table(figures))
     if contention["mean_cores"] > CONTENTION_WARNING:
-        print(f"\nWARNING: other processes used {contention['mean_cores']:.2f} cores on average "
-              f"(up to {contention['max_cores']:.2f}) during the measurements; every figure is skewed. "
-              f"Run again on an idle machine.")
+        print(
+            f"\nWARNING: other processes used {contention['mean_cores']:.2f} cores on average "
+            f"(up to {contention['max_cores']:.2f}) during the measurements; every figure is skewed. "
+            f"Run again on an idle machine."
+        )
     print("\ntargets (goals from issue 5):")
     for v in verdicts:
         mark = {True: "met", False: "NOT met", None: "not measured"}[v["met"]]

@@ -23,23 +23,26 @@ HEARTBEAT_INTERVAL = 10.0
 """The default client heartbeat interval (``client_heartbeat`` in pool.ini)."""
 
 
+ScenarioFn = Callable[[Bench], list[Figure]]
+
+
 @dataclass(frozen=True)
 class Scenario:
     """One named group of measurements."""
 
     name: str
     description: str
-    run: Callable[[Bench], list[Figure]]
+    run: ScenarioFn
     default: bool = True
 
 
 SCENARIOS: dict[str, Scenario] = {}
 
 
-def scenario(name: str, description: str, default: bool = True) -> Callable[[Callable[[Bench], list[Figure]]], Callable[[Bench], list[Figure]]]:
+def scenario(name: str, description: str, default: bool = True) -> Callable[[ScenarioFn], ScenarioFn]:
     """Register a scenario; ``default=False`` ones run only when named with ``--only``."""
 
-    def register(fn: Callable[[Bench], list[Figure]]) -> Callable[[Bench], list[Figure]]:
+    def register(fn: ScenarioFn) -> ScenarioFn:
         if name in SCENARIOS:
             raise ValueError(f"scenario {name!r} registered twice")
         SCENARIOS[name] = Scenario(name, description, fn, default)
@@ -64,22 +67,57 @@ def _sides(m: dict[str, Any], b: dict[str, Any] | None) -> dict[str, Any]:
     return detail
 
 
-def rate_and_latency(scenario_name: str, shape: str, unit: str, m: dict[str, Any],
-                     b: dict[str, Any] | None, items: bool = False) -> list[Figure]:
+def rate_and_latency(
+    scenario_name: str,
+    shape: str,
+    unit: str,
+    m: dict[str, Any],
+    b: dict[str, Any] | None,
+    items: bool = False,
+) -> list[Figure]:
     """Rate, p50, p99 and server CPU per item of the member, each against the baseline."""
     rate_key = "items_per_s" if items else "calls_per_s"
     base = b or {}
     detail = _sides(m, b)
     return [
-        Figure(scenario_name, f"{scenario_name}.{shape}.rate", f"{shape} rate", unit,
-               m[rate_key], base.get(rate_key), detail=detail),
-        Figure(scenario_name, f"{scenario_name}.{shape}.p50", f"{shape} p50 latency", "ms",
-               m["p50_ms"], base.get("p50_ms"), better="lower"),
-        Figure(scenario_name, f"{scenario_name}.{shape}.p99", f"{shape} p99 latency", "ms",
-               m["p99_ms"], base.get("p99_ms"), better="lower"),
-        Figure(scenario_name, f"{scenario_name}.{shape}.cpu", f"{shape} server CPU per {'item' if items else 'call'}",
-               "us", m.get("server_cpu_us_per_item"), base.get("server_cpu_us_per_item"), better="lower",
-               note=f"server CPU busy {m.get('server_cpu_util', 0):.0%} (baseline {base.get('server_cpu_util', 0):.0%})"),
+        Figure(
+            scenario_name,
+            f"{scenario_name}.{shape}.rate",
+            f"{shape} rate",
+            unit,
+            m[rate_key],
+            base.get(rate_key),
+            detail=detail,
+        ),
+        Figure(
+            scenario_name,
+            f"{scenario_name}.{shape}.p50",
+            f"{shape} p50 latency",
+            "ms",
+            m["p50_ms"],
+            base.get("p50_ms"),
+            better="lower",
+        ),
+        Figure(
+            scenario_name,
+            f"{scenario_name}.{shape}.p99",
+            f"{shape} p99 latency",
+            "ms",
+            m["p99_ms"],
+            base.get("p99_ms"),
+            better="lower",
+        ),
+        Figure(
+            scenario_name,
+            f"{scenario_name}.{shape}.cpu",
+            f"{shape} server CPU per {'item' if items else 'call'}",
+            "us",
+            m.get("server_cpu_us_per_item"),
+            base.get("server_cpu_us_per_item"),
+            better="lower",
+            note=f"server CPU busy {m.get('server_cpu_util', 0):.0%} "
+            f"(baseline {base.get('server_cpu_util', 0):.0%})",
+        ),
     ]
 
 
@@ -89,8 +127,10 @@ def checkout(bench: Bench) -> list[Figure]:
     figures: list[Figure] = []
     for n, k in s.checkout_shapes:
         shape = f"{n}x{k}"
-        plan = [{"op": "checkout", "name": "checkout", "duration": s.duration, "warmup": s.warmup},
-                {"op": "checkin", "name": "release"}]
+        plan = [
+            {"op": "checkout", "name": "checkout", "duration": s.duration, "warmup": s.warmup},
+            {"op": "checkin", "name": "release"},
+        ]
         profile = "checkout" if s.profile and shape in ("1x1", "50x4") else None
         m = phase(bench.load(bench.member(), n, k, plan, profile=profile), "checkout")
         b = phase(bench.load(bench.baseline(), n, k, plan), "checkout")
@@ -105,20 +145,32 @@ def heartbeat(bench: Bench) -> list[Figure]:
     shapes = [(n, k, s.leases_per_heartbeat) for n, k in s.heartbeat_shapes] + [(50, 4, 1)]
     for n, k, per_call in shapes:
         shape = f"{n}x{k}" + ("" if per_call == s.leases_per_heartbeat else f"/{per_call}")
-        plan = [{"op": "checkout", "name": "setup", "per_client": per_call},
-                {"op": "heartbeat", "name": "heartbeat", "duration": s.duration, "warmup": s.warmup,
-                 "leases_per_call": per_call},
-                {"op": "checkin", "name": "release"}]
+        plan = [
+            {"op": "checkout", "name": "setup", "per_client": per_call},
+            {
+                "op": "heartbeat",
+                "name": "heartbeat",
+                "duration": s.duration,
+                "warmup": s.warmup,
+                "leases_per_call": per_call,
+            },
+            {"op": "checkin", "name": "release"},
+        ]
         profile = "heartbeat" if s.profile and (n, k) == (10, 4) else None
         m = phase(bench.load(bench.member(), n, k, plan, profile=profile), "heartbeat")
         b = phase(bench.load(bench.baseline(), n, k, plan), "heartbeat")
         figures += rate_and_latency("heartbeat", shape, "renewals/s", m, b, items=True)
-        figures.append(Figure(
-            "heartbeat", f"heartbeat.{shape}.sustained_leases", f"{shape} leases sustained (est.)", "leases",
-            m["items_per_s"] * HEARTBEAT_INTERVAL,
-            note=f"renewals/s x the default {HEARTBEAT_INTERVAL:g} s heartbeat interval, "
-                 f"{per_call} lease(s) per client, server CPU {m.get('server_cpu_util', 0):.0%}",
-        ))
+        figures.append(
+            Figure(
+                "heartbeat",
+                f"heartbeat.{shape}.sustained_leases",
+                f"{shape} leases sustained (est.)",
+                "leases",
+                m["items_per_s"] * HEARTBEAT_INTERVAL,
+                note=f"renewals/s x the default {HEARTBEAT_INTERVAL:g} s heartbeat interval, "
+                f"{per_call} lease(s) per client, server CPU {m.get('server_cpu_util', 0):.0%}",
+            )
+        )
     return figures
 
 
@@ -126,8 +178,10 @@ def heartbeat(bench: Bench) -> list[Figure]:
 def checkin(bench: Bench) -> list[Figure]:
     s = bench.settings
     n, k = s.checkin_shape
-    plan = [{"op": "checkout", "name": "setup", "count": s.checkin_leases},
-            {"op": "checkin", "name": "checkin"}]
+    plan = [
+        {"op": "checkout", "name": "setup", "count": s.checkin_leases},
+        {"op": "checkin", "name": "checkin"},
+    ]
     m = phase(bench.load(bench.member(), n, k, plan), "checkin")
     b = phase(bench.load(bench.baseline(), n, k, plan), "checkin")
     return rate_and_latency("checkin", f"{n}x{k}", "calls/s", m, b)
@@ -146,18 +200,29 @@ def expiry(bench: Bench) -> list[Figure]:
 
     # Check out, then renew them all in one quick round, so every lease
     # expires within a fraction of a second, one TTL later.
-    plan = [{"op": "checkout", "name": "setup", "count": n_leases},
-            {"op": "heartbeat", "name": "renew", "rounds": 1, "leases_per_call": 100}]
+    plan = [
+        {"op": "checkout", "name": "setup", "count": n_leases},
+        {"op": "heartbeat", "name": "renew", "rounds": 1, "leases_per_call": 100},
+    ]
     result = bench.load(target, 50, 4, plan, feature=EXPIRY_FEATURE, on_event=mark)
     renew = phase(result, "renew")
     held = renew["items"]
     expected = marks["renewed"] + s.expiry_ttl
     # A client checking out one lease at a time meanwhile shows how long the
     # sweep holds up the reactor.
-    probe_plan = [{"op": "checkout", "name": "probe", "duration": max(1.0, expected - time.monotonic() + 3.0),
-                   "warmup": 0.0}, {"op": "checkin", "name": "release"}]
+    probe_plan = [
+        {
+            "op": "checkout",
+            "name": "probe",
+            "duration": max(1.0, expected - time.monotonic() + 3.0),
+            "warmup": 0.0,
+        },
+        {"op": "checkin", "name": "release"},
+    ]
     probe: dict[str, Any] = {}
-    prober = threading.Thread(target=lambda: probe.update(phase(bench.load(target, 1, 1, probe_plan), "probe")))
+    prober = threading.Thread(
+        target=lambda: probe.update(phase(bench.load(target, 1, 1, probe_plan), "probe"))
+    )
     prober.start()
     samples: list[tuple[float, int, float]] = []
     try:
@@ -173,10 +238,18 @@ def expiry(bench: Bench) -> list[Figure]:
     dropping = [t for t in samples if 0 <= t[1] < held]
     done = [t for t in samples if t[1] == 0]
     if not dropping or not done:
-        return [Figure("expiry", "expiry.drain", "expiry: all freed", "s", None,
-                       note=f"{held} leases did not all expire within 30 s of their TTL")]
+        return [
+            Figure(
+                "expiry",
+                "expiry.drain",
+                "expiry: all freed",
+                "s",
+                None,
+                note=f"{held} leases did not all expire within 30 s of their TTL",
+            )
+        ]
     first, last = dropping[0], done[0]
-    before = [t for t in samples[:samples.index(first)] if t[1] >= held]
+    before = [t for t in samples[: samples.index(first)] if t[1] >= held]
     idle_rate = 0.0
     if len(before) >= 2 and before[-1][0] > before[0][0]:
         idle_rate = (before[-1][2] - before[0][2]) / (before[-1][0] - before[0][0])
@@ -185,18 +258,49 @@ def expiry(bench: Bench) -> list[Figure]:
     per_lease_us = sweep_cpu / held * 1e6 if held else None
     drain = last[0] - first[0]
     return [
-        Figure("expiry", "expiry.leases", "leases left to expire", "leases", float(held),
-               note=f"lease_ttl {s.expiry_ttl} s; {n_leases - held} not renewed in time"),
-        Figure("expiry", "expiry.late", "last freed after its TTL", "s", last[0] - expected, better="lower",
-               note="includes the 1 s sweep period and the status poll interval (20 ms)"),
+        Figure(
+            "expiry",
+            "expiry.leases",
+            "leases left to expire",
+            "leases",
+            float(held),
+            note=f"lease_ttl {s.expiry_ttl} s; {n_leases - held} not renewed in time",
+        ),
+        Figure(
+            "expiry",
+            "expiry.late",
+            "last freed after its TTL",
+            "s",
+            last[0] - expected,
+            better="lower",
+            note="includes the 1 s sweep period and the status poll interval (20 ms)",
+        ),
         Figure("expiry", "expiry.drain", "first to last freed", "s", drain, better="lower"),
-        Figure("expiry", "expiry.cpu", "server CPU per expired lease", "us", per_lease_us, better="lower",
-               note=f"sweep CPU {sweep_cpu:.3f} s above idle"),
-        Figure("expiry", "expiry.capacity", "expiry capacity (1 / CPU per lease)", "leases/s",
-               1e6 / per_lease_us if per_lease_us else None),
-        Figure("expiry", "expiry.probe_max", "max checkout latency during the sweep", "ms",
-               probe.get("max_ms"), better="lower",
-               note=f"one client checking out in a loop; its p50 was {probe.get('p50_ms') or 0:.2f} ms"),
+        Figure(
+            "expiry",
+            "expiry.cpu",
+            "server CPU per expired lease",
+            "us",
+            per_lease_us,
+            better="lower",
+            note=f"sweep CPU {sweep_cpu:.3f} s above idle",
+        ),
+        Figure(
+            "expiry",
+            "expiry.capacity",
+            "expiry capacity (1 / CPU per lease)",
+            "leases/s",
+            1e6 / per_lease_us if per_lease_us else None,
+        ),
+        Figure(
+            "expiry",
+            "expiry.probe_max",
+            "max checkout latency during the sweep",
+            "ms",
+            probe.get("max_ms"),
+            better="lower",
+            note=f"one client checking out in a loop; its p50 was {probe.get('p50_ms') or 0:.2f} ms",
+        ),
     ]
 
 
@@ -206,13 +310,15 @@ def memory(bench: Bench) -> list[Figure]:
     box = bench.new_sandbox("memory")
     target = bench.start_member(box)
     n, k = s.memory_shape
-    plan = [{"op": "checkout", "name": "warm-checkout", "count": 2000},
-            {"op": "checkin", "name": "warm-checkin"},
-            {"op": "pause", "seconds": 1.0},
-            {"op": "checkout", "name": "hold", "count": s.memory_leases},
-            {"op": "pause", "seconds": 1.0},
-            {"op": "heartbeat", "name": "renew-all", "rounds": 1, "leases_per_call": 100},
-            {"op": "checkin", "name": "release"}]
+    plan = [
+        {"op": "checkout", "name": "warm-checkout", "count": 2000},
+        {"op": "checkin", "name": "warm-checkin"},
+        {"op": "pause", "seconds": 1.0},
+        {"op": "checkout", "name": "hold", "count": s.memory_leases},
+        {"op": "pause", "seconds": 1.0},
+        {"op": "heartbeat", "name": "renew-all", "rounds": 1, "leases_per_call": 100},
+        {"op": "checkin", "name": "release"},
+    ]
     result = bench.load(target, n, k, plan, clients=s.memory_clients)
     hold, renew, release = phase(result, "hold"), phase(result, "renew-all"), phase(result, "release")
     held = hold["items"]
@@ -224,26 +330,79 @@ def memory(bench: Bench) -> list[Figure]:
     shape = f"{n}x{k}"
     mib = 1024 * 1024
     return [
-        Figure("memory", "memory.rss_before", "RSS before", "MiB", before / mib, better="lower",
-               note="after a warm-up of 2,000 checkouts and checkins, connections open"),
-        Figure("memory", "memory.rss_holding", f"RSS holding {held:,} leases", "MiB", holding / mib,
-               better="lower"),
-        Figure("memory", "memory.bytes_per_lease", "resident memory per lease", "B", per_lease, better="lower",
-               note=f"{s.memory_clients:,} client ids over {n} connections"),
-        Figure("memory", "memory.store_bytes_per_lease", "store file size per lease", "B",
-               db_size / held if db_size and held else None, better="lower", note="SQLite file, WAL excluded"),
-        Figure("memory", f"memory.{shape}.checkout_rate", f"checkout rate filling to {held:,}", "calls/s",
-               hold["calls_per_s"], detail=_sides(hold, None)),
-        Figure("memory", "memory.renew_rate", f"renewals/s at {held:,} leases ({per_client} a call)",
-               "renewals/s", renew["items_per_s"], detail=_sides(renew, None)),
-        Figure("memory", "memory.renew_cpu", "server CPU per renewal at that size", "us",
-               renew.get("server_cpu_us_per_item"), better="lower"),
-        Figure("memory", "memory.checkin_rate", f"checkin rate draining {held:,}", "calls/s",
-               release["calls_per_s"], detail=_sides(release, None)),
+        Figure(
+            "memory",
+            "memory.rss_before",
+            "RSS before",
+            "MiB",
+            before / mib,
+            better="lower",
+            note="after a warm-up of 2,000 checkouts and checkins, connections open",
+        ),
+        Figure(
+            "memory",
+            "memory.rss_holding",
+            f"RSS holding {held:,} leases",
+            "MiB",
+            holding / mib,
+            better="lower",
+        ),
+        Figure(
+            "memory",
+            "memory.bytes_per_lease",
+            "resident memory per lease",
+            "B",
+            per_lease,
+            better="lower",
+            note=f"{s.memory_clients:,} client ids over {n} connections",
+        ),
+        Figure(
+            "memory",
+            "memory.store_bytes_per_lease",
+            "store file size per lease",
+            "B",
+            db_size / held if db_size and held else None,
+            better="lower",
+            note="SQLite file, WAL excluded",
+        ),
+        Figure(
+            "memory",
+            f"memory.{shape}.checkout_rate",
+            f"checkout rate filling to {held:,}",
+            "calls/s",
+            hold["calls_per_s"],
+            detail=_sides(hold, None),
+        ),
+        Figure(
+            "memory",
+            "memory.renew_rate",
+            f"renewals/s at {held:,} leases ({per_client} a call)",
+            "renewals/s",
+            renew["items_per_s"],
+            detail=_sides(renew, None),
+        ),
+        Figure(
+            "memory",
+            "memory.renew_cpu",
+            "server CPU per renewal at that size",
+            "us",
+            renew.get("server_cpu_us_per_item"),
+            better="lower",
+        ),
+        Figure(
+            "memory",
+            "memory.checkin_rate",
+            f"checkin rate draining {held:,}",
+            "calls/s",
+            release["calls_per_s"],
+            detail=_sides(release, None),
+        ),
     ]
 
 
-@scenario("pool-checkout", "checkout spread over a 3-member pool (preview until the pool lands)", default=False)
+@scenario(
+    "pool-checkout", "checkout spread over a 3-member pool (preview until the pool lands)", default=False
+)
 def pool_checkout(bench: Bench) -> list[Figure]:
     s = bench.settings
     box = bench.new_sandbox("pool", members=("ls1", "ls2", "ls3"))
@@ -251,8 +410,10 @@ def pool_checkout(bench: Bench) -> list[Figure]:
     figures: list[Figure] = []
     for n, k in ((3, 1), (50, 4)):
         shape = f"{n}x{k}"
-        plan = [{"op": "checkout", "name": "checkout", "duration": s.duration, "warmup": s.warmup},
-                {"op": "checkin", "name": "release"}]
+        plan = [
+            {"op": "checkout", "name": "checkout", "duration": s.duration, "warmup": s.warmup},
+            {"op": "checkin", "name": "release"},
+        ]
         m = phase(bench.load(members, n, k, plan), "checkout")
         b = phase(bench.load(bench.baseline(), n, k, plan), "checkout")
         figures += rate_and_latency("pool-checkout", shape, "calls/s", m, b)
