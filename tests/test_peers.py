@@ -24,7 +24,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock, deferLater
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import capturedLogs
 from twisted.protocols import amp
 from twisted.test import iosim
 from zope.interface.verify import verifyObject
@@ -280,16 +280,16 @@ def test_send_without_a_link_drops() -> None:
     assert network.connected() == set()
 
 
+@pytest.mark.allow_logged_errors
 @pytest_twisted.ensureDeferred
-async def test_unencodable_message_is_logged_not_raised(cluster: Cluster) -> None:
+async def test_unencodable_message_is_logged_not_raised(
+    cluster: Cluster, logged_errors: list[dict[str, Any]]
+) -> None:
     """A message the codec cannot encode is a bug: logged as a failure, never raised."""
     a, b = await cluster.pair()
-    with capturedLogs() as events:
-        a.net.send("ls2", "not bytes")  # type: ignore[arg-type]
+    a.net.send("ls2", "not bytes")  # type: ignore[arg-type]
     assert a.net.stats["failed"] == 1
-    assert [e["log_failure"].type for e in events if e["log_level"] == LogLevel.critical] == [
-        TypeError
-    ]
+    assert [e["log_failure"].type for e in logged_errors] == [TypeError]
     a.net.send("ls2", b"still works")
     await eventually(lambda: bool(b.inbox))
     assert b.inbox == [("ls1", b"still works")]
