@@ -438,8 +438,10 @@ class _Connection(amp.AMP):
         self.name = name
 
     def connectionLost(self, reason: Failure) -> None:  # noqa: N802 - Twisted API
-        super().connectionLost(reason)
+        # Unregister first: AMP fails the outstanding requests here, and their
+        # errbacks (failover, Locate) must open a new connection, not reuse this one.
         self.client._disconnected(self.name, self)
+        super().connectionLost(reason)
 
 
 def _user() -> str:
