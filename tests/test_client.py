@@ -238,6 +238,27 @@ def test_status_and_push(net: Network, client: LicenseClient, make_license) -> N
     assert net.run(client.push_license(make_license(2))) == 2
 
 
+def test_connection_lost_mid_heartbeat_reconnects_in_the_same_round(
+        net: Network, client: LicenseClient, solo: Solo) -> None:
+    """A connection that dies under an outstanding heartbeat is not reused for the failover.
+
+    Regression: the dead connection was unregistered only after AMP had failed
+    its requests, so the Locate of the failover went to it too and the lease
+    was not renewed until the next round.
+    """
+    lease = net.run(client.checkout("cad-pro"))
+    net.clock.advance(5.0)
+    (pump,) = net.pumps
+    pump.serverIO.getOutBuffer = lambda: b""  # the server's answer never arrives
+    d = Deferred.fromCoroutine(client.heartbeat_now())
+    net.flush()
+    pump.serverIO.loseConnection()
+    net.flush()
+    assert d.called
+    assert lease.renewed_at == net.clock.seconds() and lease.converted == 0
+    assert len(net.pumps) == 2
+
+
 def test_lease_lost_when_no_server_answers_within_the_ttl(
         net: Network, client: LicenseClient) -> None:
     """With its only server gone, the lease is lost once its TTL has run out, not before."""
