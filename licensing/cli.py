@@ -392,3 +392,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(args.dir, keep=args.keep)
+
+
+if __name__ == "__main__":
+    main()

@@ -94,6 +94,7 @@ class ReplicatedPool:
         )
         self.node.add_role_observer(self._role_changed)
         self.notes: dict[str, tuple[float, MemberNote]] = {}
+        self._heard: dict[str, float] = {}
         self.offers: dict[int, bytes] = {}
         self._license_waiters: list[tuple[int, Deferred[int]]] = []
         self._report_id = 0
@@ -173,7 +174,7 @@ class ReplicatedPool:
             return (since is not None and now - since <= lease
                     and node.last_applied >= self._ready_index)
         age = node.leader_contact_age()
-        return age is not None and age <= lease and node.last_applied >= node.leader_commit
+        return age is not None and age <= lease and node.last_applied >= getattr(node, "leader_commit", 0)
 
     def fenced(self, member: str) -> bool:
         """Leader: ``member`` has surely stopped acting on its allocation by now."""
@@ -212,7 +213,7 @@ class ReplicatedPool:
 
     def members(self) -> list[dict[str, Any]]:
         now = self.clock.seconds()
-        contact = self.node.last_contact()
+        contact = self._heard
         window = 2 * self.timings.election_timeout
         out = []
         for name, address in self.member_addresses.items():
@@ -354,6 +355,7 @@ class ReplicatedPool:
     def _deliver(self, sender: str, message: object) -> None:
         if self._stopped:
             return
+        self._heard[sender] = self.clock.seconds()
         if isinstance(message, MemberNote):
             if message.name == sender:
                 self.notes[sender] = (self.clock.seconds(), message)
