@@ -95,6 +95,18 @@ class ServerSettings:
     key: Path
     store: StoreSpec
     preference: int
+    client_bind: Address | None = None
+    peer_bind: Address | None = None
+    """Where to listen when it differs from the address others connect to
+    (a proxy, NAT or load balancer in between); None: listen on client/peer."""
+
+    @property
+    def client_listen(self) -> Address:
+        return self.client_bind or self.client
+
+    @property
+    def peer_listen(self) -> Address:
+        return self.peer_bind or self.peer
 
 
 @dataclass(frozen=True)
@@ -251,6 +263,10 @@ def render_config(settings: PoolSettings) -> str:
             lines.append(f"store = {server.store.kind}:{path_text(server.store.path)}")
         if server.preference != position:
             lines.append(f"preference = {server.preference}")
+        if server.client_bind is not None:
+            lines.append(f"client_bind = {server.client_bind}")
+        if server.peer_bind is not None:
+            lines.append(f"peer_bind = {server.peer_bind}")
     client = settings.client
     if client is not None:
         lines += ["", "[client]", f"cert = {path_text(client.cert)}"]
@@ -269,7 +285,7 @@ def render_config(settings: PoolSettings) -> str:
 
 _TIMING_KEYS = tuple(timing.name for timing in fields(Timings))
 _POOL_KEYS = ("members", "ca", "vendor_key", "license", *_TIMING_KEYS)
-_SERVER_KEYS = ("client", "peer", "http", "cert", "key", "store", "preference")
+_SERVER_KEYS = ("client", "peer", "http", "cert", "key", "store", "preference", "client_bind", "peer_bind")
 _CLIENT_KEYS = ("cert", "key", "home", "heartbeat", "request_timeout")
 _REQUIRED = {
     "members": "comma-separated member names such as ls1, ls2, ls3",
@@ -411,6 +427,8 @@ class _PoolReader:
             key=self._required(values, section, "key", self._path),
             store=self._required(values, section, "store", self._store),
             preference=position if preference is None else preference,
+            client_bind=self._optional(values, section, "client_bind", _address),
+            peer_bind=self._optional(values, section, "peer_bind", _address),
         )
 
     def _check_distinct_addresses(self, servers: dict[str, ServerSettings]) -> None:
@@ -418,7 +436,8 @@ class _PoolReader:
         # Names are not resolved: "localhost" and "127.0.0.1" are not compared.
         used: dict[Address, str] = {}
         for name, server in servers.items():
-            listeners = (("client", server.client), ("peer", server.peer), ("http", server.http))
+            listeners = (("client", server.client), ("peer", server.peer), ("http", server.http),
+                         ("client_bind", server.client_bind), ("peer_bind", server.peer_bind))
             for key, address in listeners:
                 if address is None or address.port == 0:
                     continue

@@ -97,10 +97,10 @@ def build_service(
     root = LicenseService(server, pool, license_file, reactor)
     if peer_factory is not None:
         StreamServerEndpointService(
-            tls_server_endpoint(reactor, member.peer, settings, member), peer_factory
+            tls_server_endpoint(reactor, member.peer_listen, settings, member), peer_factory
         ).setServiceParent(root)
     StreamServerEndpointService(
-        tls_server_endpoint(reactor, member.client, settings, member), ClientFactory(server)
+        tls_server_endpoint(reactor, member.client_listen, settings, member), ClientFactory(server)
     ).setServiceParent(root)
     if member.http is not None:
         StreamServerEndpointService(
