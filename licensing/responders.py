@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred, fail
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols import amp
 
@@ -152,10 +152,19 @@ class ClientFactory(Factory):
         self.max_connections = max_connections
         self.connections = 0
 
-    def buildProtocol(self, addr: Any) -> ClientConnection | None:  # noqa: N802 - Twisted API
+    def buildProtocol(self, addr: Any) -> ClientConnection | Refused:  # noqa: N802 - Twisted API
         if self.connections >= self.max_connections:
             log.warn("refused a client connection from {addr}: limit {n} reached",
                      addr=addr, n=self.max_connections)
-            return None
+            # Not None: behind TLS the listener wraps whatever we return, and a
+            # wrapped None fails in makeConnection with a logged traceback.
+            return Refused()
         self.connections += 1
         return ClientConnection(self.server, self)
+
+
+class Refused(Protocol):
+    """A connection over the limit: closed as soon as it is made."""
+
+    def connectionMade(self) -> None:  # noqa: N802 - Twisted API
+        self.transport.abortConnection()
