@@ -321,6 +321,26 @@ def test_server_refuses_a_client_of_another_ca(net: Network, pki: PKI, solo: Sol
     c.close()
 
 
+def test_connections_over_the_limit_are_refused_cleanly_behind_tls(
+        net: Network, solo: Solo) -> None:
+    """Behind TLS a connection over the limit is closed without a logged traceback.
+
+    Regression: the factory returned None, which the TLS wrapper wrapped and
+    then failed on in makeConnection.
+    """
+    net.servers["ls1"] = (ClientFactory(solo.server, max_connections=1), net.servers["ls1"][1])
+    first = LicenseClient(net.clock, {"ls1": net.endpoint("ls1")})
+    second = LicenseClient(net.clock, {"ls1": net.endpoint("ls1")})
+    lease = net.run(first.checkout("cad-pro"))
+    with pytest.raises(Unreachable):
+        net.run(second.checkout("cad-pro"))
+    net.run(lease.release())
+    first.close()
+    net.flush()
+    assert net.run(second.checkout("cad-pro")).alive
+    second.close()
+
+
 def test_a_silent_server_times_out(net: Network, client: LicenseClient) -> None:
     """A server that accepts but never answers is given up after the request timeout."""
     net.run(client.call("ls1", commands.Locate))

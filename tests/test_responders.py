@@ -30,7 +30,7 @@ from licensing.errors import (
     StaleLicense,
     UnknownFeature,
 )
-from licensing.responders import MAX_OUTSTANDING, ClientFactory
+from licensing.responders import MAX_OUTSTANDING, ClientFactory, Refused
 
 from .conftest import FEATURES, Solo, resolve
 from .test_server import FlakyStore
@@ -73,7 +73,8 @@ class Wire:
 
     @property
     def connected(self) -> bool:
-        return not self.client.transport.disconnecting
+        transport = self.client.transport
+        return transport is not None and not transport.disconnecting
 
 
 def connect(solo: Solo, factory: ClientFactory | None = None) -> Wire:
@@ -240,14 +241,17 @@ def test_busy_past_the_outstanding_limit(make_solo, make_license) -> None:
 
 
 def test_connection_limit(solo: Solo) -> None:
-    """Connections over the limit are refused; a closed one makes room again."""
+    """Connections over the limit are closed at once; a closed one makes room again."""
     factory = ClientFactory(solo.server, max_connections=1)
-    assert factory.buildProtocol(None) is not None
-    assert factory.buildProtocol(None) is None
-    first = connect(solo, ClientFactory(solo.server, max_connections=1))
+    first = connect(solo, factory)
+    second = connect(solo, factory)
+    assert isinstance(second.pump.server, Refused)
+    assert not second.connected
+    assert factory.connections == 1
     first.client.transport.loseConnection()
     first.pump.flush()
-    assert first.factory.connections == 0
+    assert factory.connections == 0
+    assert connect(solo, factory).call(commands.Locate)["server"] == "ls1"
 
 
 # -- junk: nothing a client sends may crash the server or drop the link -----------------
