@@ -101,6 +101,7 @@ class LicenseServer:
         self.pool: IPool | None = None
         self.serving = False
         self._restarted_at: float | None = None
+        self._grace: float | None = None
         self.stored_sequence = 0
         self._sweeper = LoopingCall(self.expire_leases)
         self._sweeper.clock = clock
@@ -170,13 +171,19 @@ class LicenseServer:
     def issue_after(self) -> float:
         """When a server whose store forgot its leases may issue seats again.
 
-        One lease TTL after the start, judged by the license served *now*: the
-        license usually arrives after ``start`` (configured file, or from the
-        pool), and a grace fixed at start from an empty store would be zero.
+        One lease TTL after the start, the TTL of the first license served
+        after it: that license usually arrives after ``start`` (configured
+        file, or from the pool), so a grace fixed at start from an empty store
+        would be zero; and a license installed later, with a longer TTL, must
+        not stop a server that already served its grace.
         """
         if self._restarted_at is None:
             return 0.0
-        return self._restarted_at + self.max_lease_ttl()
+        if self._grace is None:
+            if self.license is None:
+                return self._restarted_at
+            self._grace = self.max_lease_ttl()
+        return self._restarted_at + self._grace
 
     def max_lease_ttl(self) -> float:
         if self.license is None:
