@@ -159,6 +159,15 @@ def test_non_durable_store_waits_one_lease_ttl(make_solo) -> None:
     assert checkout(s).feature == "cad-pro"
 
 
+def test_a_longer_ttl_license_after_the_grace_does_not_stop_issuing(make_solo,
+                                                                    make_license) -> None:
+    """The grace is one TTL of the license served after the restart, fixed once known."""
+    s = make_solo()
+    features = {**FEATURES, "viewer": {**FEATURES["viewer"], "lease_ttl": 3600}}
+    resolve(s.pool.offer_license(make_license(2, features)))
+    assert checkout(s).feature == "cad-pro"
+
+
 def test_durable_store_issues_at_once(make_solo) -> None:
     """A durable lease table needs no start-up grace."""
     s = make_solo(store=DurableMemoryStore(), ready=False)
