@@ -189,3 +189,33 @@ def test_status_of_a_pool_that_is_down(tmp_path: Path) -> None:
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("licensectl: ")
     assert "ls1" in lines[0] and "Refused" in lines[0]
+
+
+def test_format_status_tables(solo) -> None:
+    """`licensectl status` prints who answered, the license, members, features and leases."""
+    from licensing.cli import format_status
+
+    from .conftest import resolve
+
+    lease = resolve(solo.server.checkout("cad-pro", "", "app-1", "alice", "ws1", 2))
+    text = format_status(solo.server.status(verbose=True), verbose=True)
+    lines = text.splitlines()
+    assert lines[0] == "asked ls1: role leader, leader ls1, term 0"
+    assert lines[1] == "license sequence 1 (Test Corp)"
+    rows = {line.split()[0]: line.split() for line in lines if line and line[0] != "-"}
+    assert rows["cad-pro"][:5] == ["cad-pro", "2.0", "3", "2", "1"]
+    assert rows["old"][5:7] == ["2030-01-01", "EXPIRED"]
+    assert rows[lease.lease_id][1:6] == ["cad-pro", "2", "app-1", "alice", "ws1"]
+    assert rows["ls1"][1:3] == ["leader", "yes"]
+
+
+@pytest.mark.allow_logged_errors
+def test_format_status_without_a_license(make_solo) -> None:
+    """A server with no license says so instead of an empty table of features.
+
+    (Its start logs the refused empty license file.)
+    """
+    from licensing.cli import format_status
+
+    s = make_solo(license=b"")
+    assert format_status(s.server.status()).splitlines()[1] == "no license installed"

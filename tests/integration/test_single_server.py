@@ -154,6 +154,8 @@ async def test_checkout_to_the_count_then_no_seats(pool: Sandbox, clients) -> No
 
     result = licensectl(pool, "checkin", cli_lease["lease_id"])
     assert result.returncode == 0 and cli_lease["lease_id"] in result.stdout
+    message = one_error_line(licensectl(pool, "checkin", cli_lease["lease_id"]))
+    assert "no member holds lease" in message
     held.append(await client.checkout("cad-pro"))
     assert feature_status(pool, "cad-pro")["in_use"] == 3
     for lease in held:
