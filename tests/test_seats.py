@@ -235,5 +235,5 @@ class SeatMachine(RuleBasedStateMachine):
 
 
 TestSeatMachine = SeatMachine.TestCase
-TestSeatMachine.settings = settings(max_examples=40, stateful_step_count=30)
+TestSeatMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
 TestSeatMachine.__doc__ = "SeatTable agrees with a plain model under random operation sequences."
