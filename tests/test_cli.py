@@ -46,8 +46,7 @@ def one_error_line(code: int, err: str) -> str:
 @pytest.fixture
 def vendor(tmp_path: Path, capsys) -> Path:
     """A directory with vendor.key and vendor.pub made by licensectl."""
-    code, out, _ = run(capsys, "vendor", "keygen", tmp_path / "vendor")
-    assert code == 0
+    assert run(capsys, "vendor", "keygen", tmp_path / "vendor")[0] == 0
     return tmp_path / "vendor"
 
 
@@ -183,7 +182,7 @@ def test_status_of_a_pool_that_is_down(tmp_path: Path) -> None:
 
     box = make_sandbox(tmp_path, ("ls1",), store="memory")
     result = subprocess.run([*LICENSECTL, "--config", str(box.ini), "status"],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 1
     assert result.stdout == ""
     lines = result.stderr.splitlines()

@@ -85,7 +85,8 @@ def connect(solo: Solo, factory: ClientFactory | None = None) -> Wire:
     return Wire(client, pump, factory)
 
 
-CHECKOUT = dict(feature="cad-pro", version="", client_id="c1", user="alice", host="ws1", count=1)
+CHECKOUT = {"feature": "cad-pro", "version": "", "client_id": "c1", "user": "alice",
+            "host": "ws1", "count": 1}
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import re
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 
 from licensing import commands
 from licensing.errors import (
@@ -33,7 +33,6 @@ from licensing.server import MAX_COUNT, MAX_LEASES_PER_CALL, LicenseServer
 from licensing.store.memory import MemoryStore
 
 from .conftest import FEATURES, DurableMemoryStore, Solo, resolve
-
 
 #: Midnight UTC at the end of 2031-01-01, the last day of the "viewer" feature.
 END_OF_VIEWER = datetime.datetime(2031, 1, 2, tzinfo=datetime.UTC).timestamp()
