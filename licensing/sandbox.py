@@ -152,8 +152,14 @@ class Sandbox:
 def make_sandbox(root: Path, members: Sequence[str] = ("ls1",), *,
                  features: Mapping[str, Mapping[str, Any]] = DEFAULT_FEATURES, sequence: int = 1,
                  store: str = "sqlite", timings: Mapping[str, float] | None = None,
-                 install_license: bool = True) -> Sandbox:
-    """Write a complete pool directory under ``root`` (which may exist and be empty)."""
+                 install_license: bool = True, proxied: bool = False) -> Sandbox:
+    """Write a complete pool directory under ``root`` (which may exist and be empty).
+
+    ``proxied`` leaves room for a proxy in front of every member: the member
+    listens on ``client_bind``/``peer_bind`` (``ports[name]["client_bind"]``,
+    ``["peer_bind"]``) while pool.ini tells everyone else to connect to
+    ``client``/``peer``, ports where nothing listens until the proxy does.
+    """
     from .pki import init_ca, issue_certificate
     from .vendor import generate_vendor_keys
 
@@ -165,11 +171,9 @@ def make_sandbox(root: Path, members: Sequence[str] = ("ls1",), *,
         issue_certificate(pki, name)
     issue_certificate(pki, "client", client=True)
     generate_vendor_keys(root)
-    ports_list = free_ports(3 * len(members))
-    ports = {
-        name: {"client": ports_list[3 * i], "peer": ports_list[3 * i + 1], "http": ports_list[3 * i + 2]}
-        for i, name in enumerate(members)
-    }
+    kinds = ("client", "peer", "http", "client_bind", "peer_bind") if proxied else ("client", "peer", "http")
+    ports_list = iter(free_ports(len(kinds) * len(members)))
+    ports = {name: {kind: next(ports_list) for kind in kinds} for name in members}
     lines = ["[pool]", f"members = {', '.join(members)}", "ca = pki/ca.pem", "vendor_key = vendor.pub"]
     if install_license:
         lines.append("license = license.lic")
@@ -181,7 +185,10 @@ def make_sandbox(root: Path, members: Sequence[str] = ("ls1",), *,
         store_spec = f"sqlite:data/{name}.db" if store == "sqlite" else "memory:"
         lines += [f"[server:{name}]", f"client = 127.0.0.1:{p['client']}", f"peer = 127.0.0.1:{p['peer']}",
                   f"http = 127.0.0.1:{p['http']}", f"cert = pki/{name}.pem", f"key = pki/{name}.key",
-                  f"store = {store_spec}", f"preference = {i + 1}", ""]
+                  f"store = {store_spec}", f"preference = {i + 1}"]
+        if proxied:
+            lines += [f"client_bind = 127.0.0.1:{p['client_bind']}", f"peer_bind = 127.0.0.1:{p['peer_bind']}"]
+        lines.append("")
     lines += ["[client]", "cert = pki/client.pem", "key = pki/client.key", ""]
     ini = root / "pool.ini"
     ini.write_text("\n".join(lines))
