@@ -83,12 +83,14 @@ class ClientLocator(amp.CommandLocator):
     def checkout(self, feature, version, client_id, user, host, count):
         async def run() -> dict:
             lease = await self.server.checkout(feature, version, client_id, user, host, count)
-            f = self.server.license.feature(feature)
+            # Not the license's feature: a license installed while the lease was
+            # being stored may no longer have it. The lease carries its own TTL.
+            ttl = lease.expires_at - lease.issued_at
             return {
                 "lease_id": lease.lease_id,
                 "server": lease.server,
-                "ttl": f.lease_ttl,
-                "heartbeat": self.server.heartbeat_interval(f),
+                "ttl": ttl,
+                "heartbeat": min(self.server.client_heartbeat, ttl / 3),
             }
 
         return self._guarded(run())
