@@ -139,6 +139,27 @@ def test_not_serving_arrives_as_not_serving(wire: Wire, solo: Solo) -> None:
         wire.call(commands.Heartbeat, client_id="c1", leases=[lease["lease_id"]])
 
 
+def test_checkout_answer_survives_a_license_change_during_the_write(make_solo,
+                                                                   make_license) -> None:
+    """A license without the feature installed while the lease is being stored still
+    gets the checkout answered, with the TTL the lease was issued with.
+
+    Regression: the responder looked the feature up again after the write and
+    failed on None, which AMP logged and answered as an unknown error.
+    """
+    store = FlakyStore()
+    s = make_solo(store=store)
+    w = connect(s)
+    store.hold_puts = True
+    reply = w.send(commands.Checkout, **{**CHECKOUT, "feature": "viewer"})
+    store.hold_puts = False
+    resolve(s.pool.offer_license(make_license(2, {"cad-pro": FEATURES["cad-pro"]})))
+    store.pending[0][0].callback(None)
+    w.pump.flush()
+    answer = reply.result()
+    assert (answer["ttl"], answer["heartbeat"]) == (60.0, 10.0)
+
+
 def test_heartbeat_and_claims_round_trip(wire: Wire) -> None:
     """Heartbeat rows come back per lease; a claimed lease is converted under its id."""
     lease_id = wire.call(commands.Checkout, **CHECKOUT)["lease_id"]
