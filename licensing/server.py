@@ -318,7 +318,15 @@ class LicenseServer:
         if held is not None:
             if held.client_id != client_id:
                 return (lease_id, commands.LOST, 0.0)
-            feature = self._serving_feature(feature_name, None)
+            # Renewed as in heartbeat(): by the feature the lease was issued
+            # for, not the one claimed, and lost (not an error for the whole
+            # call) once that feature has left the license or expired.
+            try:
+                feature = self._serving_feature(held.feature, None)
+            except (UnknownFeature, LicenseExpired):
+                self.seats.release(lease_id)
+                self.forget([lease_id])
+                return (lease_id, commands.LOST, 0.0)
             self.seats.renew(lease_id, self.clock.seconds() + feature.lease_ttl)
             return (lease_id, commands.RENEWED, feature.lease_ttl)
         if self.pool.role != "leader":
