@@ -480,6 +480,31 @@ def test_claims_that_cannot_be_converted_are_lost(solo: Solo) -> None:
     assert solo.server.seats.used("cad-pro") == 3
 
 
+def test_claim_of_a_held_lease_whose_feature_left_the_license_is_lost(
+        solo: Solo, make_license) -> None:
+    """Like a renewal, a claim of a held lease whose feature is gone answers lost.
+
+    Regression: the claim raised UnknownFeature for the whole heartbeat, so
+    the client's other leases in the same call got no answer either.
+    """
+    lease = checkout(solo, "viewer")
+    other = checkout(solo, "cad-pro")
+    resolve(solo.pool.offer_license(make_license(2, {"cad-pro": FEATURES["cad-pro"]})))
+    answers = resolve(solo.server.heartbeat("c1", [other.lease_id],
+                                            [claim(lease.lease_id, "viewer")]))
+    assert answers == [(other.lease_id, commands.RENEWED, 30.0),
+                       (lease.lease_id, commands.LOST, 0.0)]
+    assert solo.server.seats.get(lease.lease_id) is None
+    assert stored_lease_ids(solo.store) == {other.lease_id}
+
+
+def test_claim_of_a_held_lease_renews_by_its_own_feature(solo: Solo) -> None:
+    """A claim naming another feature cannot give a held lease that feature's TTL."""
+    lease = checkout(solo, "cad-pro")
+    answers = resolve(solo.server.heartbeat("c1", [], [claim(lease.lease_id, "viewer")]))
+    assert answers == [(lease.lease_id, commands.RENEWED, 30.0)]
+
+
 def test_claims_during_the_start_up_grace_are_retried(make_solo) -> None:
     """A leader that may not issue yet tells the client when to come back."""
     s = make_solo(ready=False)
