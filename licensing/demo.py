@@ -24,8 +24,8 @@ def run_demo(directory: Path | None, keep: bool = False) -> int:
     box = make_sandbox(root, ("ls1",), features=DEMO_FEATURES)
     print("generated: private CA, server and client certificates, vendor key pair, signed license.lic")
     print("starting:  " + " ".join(box.command("ls1")))
-    box.start("ls1")
     try:
+        box.start("ls1")
         from twisted.internet import task
 
         from .cli import _react

@@ -83,7 +83,11 @@ class Sandbox:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.processes[name] = proc
         if wait:
-            self.wait_serving(name, wait, licensed)
+            try:
+                self.wait_serving(name, wait, licensed)
+            except BaseException:
+                self.kill(name)
+                raise
         return proc
 
     def status(self, name: str, verbose: bool = False, timeout: float = 2.0) -> dict[str, Any] | None:
