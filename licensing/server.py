@@ -394,6 +394,21 @@ class LicenseServer:
         members = [(m["name"], m["client_host"], m["client_port"]) for m in self.pool.members()]
         return self.name, self.pool.leader, members
 
+    def _acting(self, feature: Feature, today: datetime.date) -> bool:
+        """Whether this member acts on its allocation of ``feature`` now (it renews leases).
+
+        A member cut off from the leader still lists the leases it holds, but
+        renews none of them: an observer adding up the seats in use across
+        the pool counts a member's leases only while this is true.
+        """
+        if not self.serving or self.pool is None or feature.expired(today):
+            return False
+        try:
+            self.pool.check_issue(feature)
+        except (NoQuorum, NotServing):
+            return False
+        return True
+
     def status(self, verbose: bool = False) -> dict[str, Any]:
         """This server's view of the pool, its license and its seats (JSON-ready)."""
         pool = self.pool
@@ -424,6 +439,7 @@ class LicenseServer:
                     "expired": f.expired(today),
                     "majority_rule": f.majority_rule,
                     "lease_ttl": f.lease_ttl,
+                    "acting": self._acting(f, today),
                     "members": usage,
                 })
         if verbose:

@@ -20,6 +20,7 @@ from licensing.errors import (
     LicenseFileExpired,
     LicenseFormatError,
     LicenseSignatureError,
+    NoQuorum,
     NoSeats,
     NotServing,
     StaleLicense,
@@ -589,6 +590,25 @@ def test_status_counts_seats(solo: Solo) -> None:
     assert features["old"]["expired"]
     assert doc["members"][0]["license_sequence"] == 1
     assert "leases" not in doc
+
+
+def test_status_says_whether_the_member_acts_on_each_feature(solo: Solo, monkeypatch) -> None:
+    """``acting`` is true only while the member would renew the feature's leases.
+
+    An observer adding up the seats honoured across a pool relies on it: a
+    member cut off from its leader still lists its leases but renews none.
+    """
+    features = {f["name"]: f for f in solo.server.status()["features"]}
+    assert features["cad-pro"]["acting"] and features["viewer"]["acting"]
+    assert not features["old"]["acting"]
+
+    def cut_off(feature) -> None:
+        if feature.majority_rule:
+            raise NoQuorum("cut off")
+
+    monkeypatch.setattr(solo.pool, "check_issue", cut_off)
+    features = {f["name"]: f for f in solo.server.status()["features"]}
+    assert not features["cad-pro"]["acting"] and features["viewer"]["acting"]
 
 
 def test_verbose_status_lists_leases(solo: Solo) -> None:
