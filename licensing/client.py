@@ -154,6 +154,7 @@ class LicenseClient:
         self._loop = LoopingCall(self._beat)
         self._loop.clock = clock
         self._tick = 0.0
+        self.closed = False
 
     @classmethod
     def from_config(cls, clock: Any, path: str | os.PathLike[str], **kwargs: Any) -> LicenseClient:
@@ -185,6 +186,8 @@ class LicenseClient:
 
     def _connect(self, name: str) -> Deferred[amp.AMP]:
         """The open connection to ``name``; concurrent callers share one attempt."""
+        if self.closed:
+            raise Unreachable("the client is closed")
         proto = self._connections.get(name)
         if proto is not None:
             return succeed(proto)
@@ -270,9 +273,12 @@ class LicenseClient:
 
         Raises the last typed error (NoSeats, UnknownFeature, LicenseExpired,
         NoQuorum, NotServing, BadRequest) when no member can issue it, or
-        ``Unreachable`` when none answers.
+        ``Unreachable`` when none answers. A member that answered outranks
+        one that could not be reached: with one member down and the others
+        full, the pool is full, not unreachable.
         """
         last: Exception | None = None
+        refused: RequestError | None = None
         for name in self._order(self.home):
             try:
                 answer = await self.call(
@@ -281,14 +287,16 @@ class LicenseClient:
                 )
             except (NoSeats, *_FAILOVER_ERRORS) as e:
                 last = e
+                if isinstance(e, RequestError):
+                    refused = e
                 continue
             lease = Lease(self, answer["lease_id"], feature, version, count, answer["server"],
                           answer["ttl"], self.heartbeat or answer["heartbeat"])
             self.leases[lease.lease_id] = lease
             self._schedule()
             return lease
-        if isinstance(last, RequestError):
-            raise last
+        if refused is not None:
+            raise refused
         raise Unreachable(f"no member of the pool answered the checkout of {feature!r}: {_describe(last)}")
 
     async def checkin(self, lease_id: str, server: str | None = None) -> bool:
@@ -420,7 +428,13 @@ class LicenseClient:
             claims = [c for c in claims if c[0] in {x.lease_id for x in remaining}]
 
     def close(self) -> None:
-        """Stop heartbeating and drop every connection (leases then expire on the servers)."""
+        """Stop heartbeating and drop every connection (leases then expire on the servers).
+
+        Final: a request still in flight must not open a new connection (its
+        failover would otherwise reconnect and renew), so later calls fail
+        with Unreachable.
+        """
+        self.closed = True
         if self._loop.running:
             self._loop.stop()
         for proto in list(self._connections.values()):
