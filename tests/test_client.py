@@ -259,6 +259,28 @@ def test_connection_lost_mid_heartbeat_reconnects_in_the_same_round(
     assert len(net.pumps) == 2
 
 
+def test_close_is_final_even_for_a_request_in_flight(
+        net: Network, client: LicenseClient) -> None:
+    """After close() no connection is opened again, not even by an in-flight failover.
+
+    Regression: a heartbeat outstanding at close() failed over, reconnected
+    and renewed the lease, leaving the closed client with an open connection.
+    """
+    lease = net.run(client.checkout("cad-pro"))
+    net.clock.advance(5.0)
+    (pump,) = net.pumps
+    pump.serverIO.getOutBuffer = lambda: b""  # the server's answer never arrives
+    d = Deferred.fromCoroutine(client.heartbeat_now())
+    net.flush()
+    client.close()
+    net.flush()
+    assert d.called
+    assert len(net.pumps) == 1 and client._connections == {}
+    assert lease.renewed_at < net.clock.seconds()
+    with pytest.raises(Unreachable, match="closed"):
+        net.run(client.checkout("cad-pro"))
+
+
 def test_lease_lost_when_no_server_answers_within_the_ttl(
         net: Network, client: LicenseClient) -> None:
     """With its only server gone, the lease is lost once its TTL has run out, not before."""
