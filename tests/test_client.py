@@ -162,6 +162,22 @@ def test_checkout_errors_are_typed(net: Network, client: LicenseClient, feature:
     assert client.leases == {}
 
 
+def test_full_pool_with_a_member_down_says_no_seats(net: Network, solo: Solo) -> None:
+    """Members that answered NoSeats outrank one that is down: the pool is full.
+
+    Regression: when the member tried last was unreachable, the checkout
+    raised Unreachable ("no member of the pool answered") although the
+    others had answered that every seat was taken.
+    """
+    c = LicenseClient(net.clock, {"ls1": net.endpoint("ls1"), "ls2": net.endpoint("ls2")},
+                      client_id="app-1", home="ls1")
+    net.run(c.checkout("cad-pro", count=3))
+    with pytest.raises(NoSeats):
+        net.run(c.checkout("cad-pro"))
+    c.close()
+    net.flush()
+
+
 def test_heartbeats_renew(net: Network, client: LicenseClient, solo: Solo) -> None:
     """A held lease is renewed every heartbeat and outlives its TTL many times over."""
     lease = net.run(client.checkout("cad-pro"))
