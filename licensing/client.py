@@ -419,7 +419,8 @@ class LicenseClient:
             try:
                 answer = await self.call(name, commands.Heartbeat, client_id=self.client_id,
                                          leases=[], claims=claims)
-            except (*_FAILOVER_ERRORS, BadRequest) as e:
+            except (*_FAILOVER_ERRORS, BadRequest, Unreachable) as e:
+                # Unreachable: closed meanwhile, or a leader we know no endpoint for.
                 log.info("claim at {server} failed: {error}", server=name, error=_describe(e))
                 continue
             remaining = self._settle(name, answer["statuses"])

@@ -297,6 +297,28 @@ def test_close_is_final_even_for_a_request_in_flight(
         net.run(client.checkout("cad-pro"))
 
 
+def test_close_between_locate_and_claim_ends_the_round_quietly(
+        net: Network, client: LicenseClient, solo: Solo) -> None:
+    """A client closed while it fails over ends that heartbeat round without an error.
+
+    Regression: the claim after a successful Locate raised Unreachable ("the
+    client is closed"), which escaped the round and was logged as a failure
+    ("heartbeat round failed") by every closed client with a failover in flight.
+    """
+    lease = net.run(client.checkout("cad-pro"))
+    solo.server.serving = False
+    locate = client.locate
+
+    async def locate_then_close():
+        found = await locate()
+        client.close()
+        return found
+
+    client.locate = locate_then_close
+    net.run(client.heartbeat_now())
+    assert lease.alive and client.closed
+
+
 def test_lease_lost_when_no_server_answers_within_the_ttl(
         net: Network, client: LicenseClient) -> None:
     """With its only server gone, the lease is lost once its TTL has run out, not before."""
