@@ -35,6 +35,9 @@ from .errors import BadRequest, LicensingError, NoQuorum, NoSeats, NotServing, R
 
 log = Logger()
 
+HOME_MEMORY = 30.0
+"""Seconds a client keeps its choice of home member for a feature."""
+
 EndpointFactory = Callable[[str, str, int], IStreamClientEndpoint]
 """Makes the endpoint of a member from its name, host and port (as Locate tells them)."""
 
@@ -148,6 +151,7 @@ class LicenseClient:
         self.request_timeout = request_timeout
         self.heartbeat = heartbeat
         self.leases: dict[str, Lease] = {}
+        self._homes: dict[str, tuple[str | None, float]] = {}
         self._connections: dict[str, amp.AMP] = {}
         self._connecting: dict[str, list[Deferred[amp.AMP]]] = {}
         self._beating = False
@@ -279,7 +283,7 @@ class LicenseClient:
         """
         last: Exception | None = None
         refused: RequestError | None = None
-        for name in self._order(self.home):
+        for name in self._order(self.home or await self._roomiest(feature)):
             try:
                 answer = await self.call(
                     name, commands.Checkout, feature=feature, version=version,
@@ -298,6 +302,32 @@ class LicenseClient:
         if refused is not None:
             raise refused
         raise Unreachable(f"no member of the pool answered the checkout of {feature!r}: {_describe(last)}")
+
+    async def _roomiest(self, feature: str) -> str | None:
+        """The reachable member with the most free seats of ``feature`` in its allocation.
+
+        Asked once per feature and remembered for ``HOME_MEMORY`` seconds, so a
+        busy client pays one Status call, not one per checkout.
+        """
+        now = self.clock.seconds()
+        known = self._homes.get(feature)
+        if known is not None and now - known[1] < HOME_MEMORY:
+            return known[0]
+        if len(self.endpoints) == 1:
+            return None
+        try:
+            doc = await self.status()
+        except (Unreachable, RequestError):
+            return None
+        reachable = {m["name"] for m in doc.get("members", []) if m.get("reachable")}
+        best = None
+        for f in doc.get("features", []):
+            if f.get("name") == feature:
+                shares = [(u["allocation"] - u["used"], name) for name, u in f["members"].items()
+                          if name in reachable]
+                best = max(shares)[1] if shares else None
+        self._homes[feature] = (best, now)
+        return best
 
     async def checkin(self, lease_id: str, server: str | None = None) -> bool:
         """Check in a lease by id (for tools that did not keep the ``Lease``)."""
