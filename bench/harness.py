@@ -289,14 +289,17 @@ class Bench:
                 if on_event is not None:
                     on_event(event)
             proc.wait()
+        except BaseException:
+            stderr.close()
+            raise
         finally:
             timer.cancel()
             self._stop_profilers(spies)
             _killpg(proc)
-        if result is None or proc.returncode != 0:
-            stderr.seek(0)
-            raise RuntimeError(f"load generator failed (exit {proc.returncode}): {stderr.read()[-3000:]}")
-        stderr.close()
+        with stderr:
+            if result is None or proc.returncode != 0:
+                stderr.seek(0)
+                raise RuntimeError(f"load generator failed (exit {proc.returncode}): {stderr.read()[-3000:]}")
         for phase in result["phases"]:
             s = samples.get(phase["name"], {})
             if "cpu_end" in s:

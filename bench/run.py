@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,13 +136,30 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown scenario(s): {', '.join(unknown)}; --list names them", file=sys.stderr)
         return 2
-    # SIGTERM (and SIGHUP) unwind like Ctrl-C, so the finally below kills every child.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # SIGTERM and SIGHUP unwind like Ctrl-C (and SIGINT does even when started in the
+    # background, where it is ignored), so the finally below kills every child.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.default_int_handler)
 
     settings = settings_from(args)
-    started = time.monotonic()
     bench = Bench(settings, progress=lambda text: print(text, file=sys.stderr, flush=True))
+    try:
+        return run(bench, names, args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: no results written", file=sys.stderr)
+        return 130
+    finally:
+        bench.close()
+        if args.keep:
+            print(f"work directory kept: {bench.workdir}")
+        else:
+            shutil.rmtree(bench.workdir, ignore_errors=True)
+
+
+def run(bench: Bench, names: list[str], args: argparse.Namespace) -> int:
+    """Run the scenarios, then write results.json and print the report."""
+    settings = bench.settings
+    started = time.monotonic()
     figures: list[Figure] = []
     failures: dict[str, str] = {}
     timings: dict[str, float] = {}
@@ -209,12 +227,6 @@ def main(argv: list[str] | None = None) -> int:
     for name, why in failures.items():
         print(f"\nscenario {name} failed: {why}")
     print(f"\nwrote {args.output} in {doc['total_seconds']:.0f} s")
-    if args.keep:
-        print(f"work directory kept: {bench.workdir}")
-    else:
-        import shutil
-
-        shutil.rmtree(bench.workdir, ignore_errors=True)
     return 1 if failures else 0
 
 
