@@ -91,6 +91,7 @@ class Settings:
     """Knobs of one run; all of them are written to results.json."""
 
     duration: float = 3.0
+    repeat: int = 1
     warmup: float = 0.5
     checkout_shapes: tuple[tuple[int, int], ...] = ((1, 1), (1, 16), (1, 128), (50, 4))
     heartbeat_shapes: tuple[tuple[int, int], ...] = ((1, 1), (10, 4))

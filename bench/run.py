@@ -4,7 +4,8 @@ Every speed figure of a member comes with the same figure of the bare-AMP
 baseline server (``baseline_server.py``) measured in this run under the same
 load shape, and their ratio. Options: ``--only checkout,heartbeat`` runs some
 scenarios (including ones not run by default), ``--list`` names them,
-``--duration`` sets the seconds per measured point, ``--quick`` shrinks the
+``--duration`` sets the seconds per measured point, ``--repeat N``
+runs each point N times (member and baseline in turns) and keeps the medians, ``--quick`` shrinks the
 lease counts for a smoke run, ``--profile`` also samples the member with
 py-spy under checkout and heartbeat load and prints its hot spots.
 """
@@ -106,6 +107,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--duration", type=float, default=Settings.duration, help="seconds per measured point"
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=Settings.repeat,
+        help="runs per point, member and baseline in turns; median kept",
+    )
     parser.add_argument("--quick", action="store_true", help="small lease counts and 1 s points (smoke test)")
     parser.add_argument("--profile", action="store_true", help="sample the member with py-spy")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results.json")
@@ -114,7 +121,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    s = Settings(duration=args.duration, profile=args.profile)
+    s = Settings(duration=args.duration, repeat=args.repeat, profile=args.profile)
     if args.quick:
         s.duration = min(s.duration, 1.0)
         s.checkin_leases = 2000
