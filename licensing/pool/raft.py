@@ -68,6 +68,7 @@ class RaftTimings:
     snapshot_every: int = 1000
     max_batch_bytes: int = 48_000
     snapshot_chunk_bytes: int = MAX_SNAPSHOT_CHUNK
+    clock_drift: float = 0.05
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat < self.election_timeout:
@@ -153,6 +154,12 @@ class RaftNode:
         self._no_vote_until = float("-inf")
         # Follower: the time of ours the current leader has confirmed (messages.py).
         self._lease_from: float | None = None
+        self.leader_commit = 0
+        """Follower: the highest commit index the current leader has told us.
+
+        The pool lets a follower act on its allocation only once it has
+        applied this far, so an entry that shrank its allocation is in effect
+        before a lease confirmed after that entry's commit is used."""
         self._prevoting = False
         self._votes: set[str] = set()
         self._vote_times: dict[str, float] = {}
@@ -306,6 +313,14 @@ class RaftNode:
         )
         return acked[others - 1] if len(acked) >= others else None
 
+    def leader_lease_valid(self) -> bool:
+        """Leader: no other leader can have been elected yet (see majority_acked_since)."""
+        since = self.majority_acked_since()
+        if since is None:
+            return False
+        d = self._timings.clock_drift
+        return self._clock.seconds() - since < self._timings.election_timeout * (1 - d) / (1 + d)
+
     # -- proposals and transfer ---------------------------------------------
 
     def propose(self, data: bytes) -> Deferred[int]:
@@ -437,6 +452,7 @@ class RaftNode:
         if not self._accept_leader(sender, request.term):
             return
         self._note_lease(request.lease_from)
+        self.leader_commit = max(self.leader_commit, request.commit)
         entries = request.entries
         prev_index = request.prev_index
         last_new = request.prev_index + len(request.entries)
@@ -651,6 +667,7 @@ class RaftNode:
             self._lease_from = None
         if leader != self.leader:
             self._lease_from = None
+            self.leader_commit = 0
         if self.role == LEADER:
             self._stop_leading(leader)
         self.role = FOLLOWER
@@ -813,9 +830,13 @@ class RaftNode:
         prev_term = self._log.term_at(prev_index)
         assert prev_term is not None, "replication below the snapshot"
         progress.commit_sent = self.commit_index
+        # Confirm allocation leases only while no other leader can exist: a
+        # deposed leader that still reaches a follower must not keep it
+        # acting after a new leader has started counting towards reclaiming.
+        lease_from = progress.lease_from if self.leader_lease_valid() else None
         self._send(peer, AppendEntries(self.term, prev_index, prev_term, entries,
                                        self.commit_index, self._clock.seconds(),
-                                       progress.peer_time, progress.lease_from))
+                                       progress.peer_time, lease_from))
 
     def _send_snapshot_chunk(self, peer: str, progress: Progress) -> None:
         snapshot = progress.snapshot

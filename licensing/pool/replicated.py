@@ -38,8 +38,12 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-MAX_REPORT = 2000
-"""Leases per report: keeps every log entry far below the AMP value limit after chunking."""
+MAX_REPORT = 1000
+"""Leases per report entry (about 250 KB): a busy member's first report takes a few entries."""
+
+MAX_ENTRY_BYTES = 1_500_000
+"""Largest log entry and AppendEntries batch: a 1 MiB license file in base64 fits; the
+peer transport chunks it into AMP-sized values."""
 
 
 def lease_doc(lease: Lease) -> dict[str, Any]:
@@ -89,7 +93,8 @@ class ReplicatedPool:
         self.node = RaftNode(
             self.name, list(members), server.store, clock, rng, self.network, self.record,
             RaftTimings(heartbeat=timings.peer_heartbeat, election_timeout=timings.election_timeout,
-                        snapshot_every=timings.snapshot_every),
+                        snapshot_every=timings.snapshot_every, max_batch_bytes=MAX_ENTRY_BYTES,
+                        clock_drift=timings.clock_drift),
             preference=preference,
         )
         self.node.add_role_observer(self._role_changed)
@@ -174,7 +179,7 @@ class ReplicatedPool:
             return (since is not None and now - since <= lease
                     and node.last_applied >= self._ready_index)
         age = node.leader_contact_age()
-        return age is not None and age <= lease and node.last_applied >= getattr(node, "leader_commit", 0)
+        return age is not None and age <= lease and node.last_applied >= node.leader_commit
 
     def fenced(self, member: str) -> bool:
         """Leader: ``member`` has surely stopped acting on its allocation by now."""
