@@ -345,12 +345,29 @@ class LicenseServer:
             await self._issue(lease)
         except NoSeats:
             wait = self.pool.retry_after(feature_name)
-            if wait is None:
-                return (lease_id, commands.LOST, 0.0)
-            return (lease_id, commands.RETRY_AFTER, wait)
+            if wait is not None:
+                return (lease_id, commands.RETRY_AFTER, wait)
+            if self._held_elsewhere(feature_name):
+                return (lease_id, commands.UNKNOWN, 0.0)
+            return (lease_id, commands.LOST, 0.0)
         self.pool.lease_adopted(lease)
         log.info("lease {lease_id} of {client_id} converted", lease_id=lease_id, client_id=client_id)
         return (lease_id, commands.CONVERTED, feature.lease_ttl)
+
+    def _held_elsewhere(self, feature: str) -> bool:
+        """Whether other members hold seats of ``feature`` (as far as the record knows).
+
+        A claim this leader cannot convert is then not lost: the lease may
+        be one of those, still renewed by its holder once the holder's
+        allocation lease is confirmed again (a member answers NoQuorum for a
+        moment after every change of leader), or about to move here when an
+        adoption or a pledge commits. Answered unknown, the client keeps the
+        lease and tries its holder and the leader again at its next
+        heartbeat, until the lease's TTL runs out.
+        """
+        assert self.pool is not None
+        return any(use["used"] > 0 for member, use in self.pool.usage(feature).items()
+                   if member != self.name)
 
     async def checkin(self, lease_id: str) -> bool:
         """Give a lease's seats back; False if this server does not hold it."""

@@ -481,6 +481,26 @@ def test_claims_that_cannot_be_converted_are_lost(solo: Solo) -> None:
     assert solo.server.seats.used("cad-pro") == 3
 
 
+def test_claim_without_a_free_seat_is_unknown_while_others_hold_seats(
+        solo: Solo, monkeypatch) -> None:
+    """No seat to convert into, but other members hold seats of the feature: unknown, not lost.
+
+    Regression: the leader answered lost, and the client gave up a lease that
+    its holder still honoured. In a full three-member pool this happened to
+    the clients of a follower that answered NoQuorum for the moment after a
+    change of leader, and to claims that arrived before the adoptions freeing
+    seats had committed.
+    """
+    checkout(solo, count=3)
+    usage = solo.pool.usage("cad-pro")
+    monkeypatch.setattr(solo.pool, "usage", lambda feature: {
+        **usage, "ls2": {"allocation": 2, "used": 1}})
+    answers = resolve(solo.server.heartbeat("c1", [], [claim("c" * 32)]))
+    assert answers == [("c" * 32, commands.UNKNOWN, 0.0)]
+    assert solo.server.seats.get("c" * 32) is None
+    assert solo.server.seats.used("cad-pro") == 3
+
+
 def test_claim_of_a_held_lease_whose_feature_left_the_license_is_lost(
         solo: Solo, make_license) -> None:
     """Like a renewal, a claim of a held lease whose feature is gone answers lost.
