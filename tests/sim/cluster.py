@@ -61,11 +61,13 @@ class Invariants:
     acknowledged: dict[int, bytes] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
     views: dict[RaftNode, _Incarnation] = field(default_factory=dict)
+    won_at: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     def role_changed(self, name: str, role: str, term: int, leader: str | None) -> None:
         """Role observer: every leader of every term, however briefly it led."""
         if role == LEADER:
             self._leader(term, name)
+            self.won_at[name] = (term, self.cluster.clocks[name].seconds())
             # The moment of election is when a lease overlap would show.
             try:
                 self._check_leases()
@@ -182,6 +184,16 @@ class Invariants:
             age = node.leader_contact_age()
             if age is None or age >= ALLOCATION_LEASE or node.leader is None:
                 continue
+            for other, rival in nodes.items():
+                # A newer leader waits reclaim_after from its election before
+                # taking seats from members it has not heard from.
+                if rival.role == LEADER and rival.term > node.term:
+                    term, won = self.won_at[other]
+                    now = self.cluster.clocks[other].seconds()
+                    if term == rival.term and now >= won + reclaim_after:
+                        self.fail(f"{name} holds an allocation lease of term {node.term} "
+                                  f"(age {age:.3f}) that {other}, leading term {rival.term} "
+                                  f"since {won:.3f}, would reclaim at {now:.3f}")
             leader = nodes.get(node.leader)
             if leader is None or leader.role != LEADER or leader.term != node.term:
                 continue
