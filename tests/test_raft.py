@@ -243,7 +243,7 @@ def test_vote_is_durable_before_it_is_sent() -> None:
     assert pool.wire.queue == []
     assert stored_log(store.inner) == [] and store.inner._term == 0
     store.release()
-    (source, destination, reply), = pool.wire.queue
+    (_, destination, reply), = pool.wire.queue
     assert (destination, reply.granted, reply.term) == ("b", True, 1)
     assert (store.inner._term, store.inner._voted_for) == (1, "b")
 
@@ -656,10 +656,10 @@ def test_lease_is_void_once_timeout_now_is_sent() -> None:
 
 
 @pytest.mark.parametrize("bad", [
-    dict(heartbeat=1.0, election_timeout=1.0),
-    dict(snapshot_every=0),
-    dict(max_batch_bytes=10),
-    dict(snapshot_chunk_bytes=40_000),
+    {"heartbeat": 1.0, "election_timeout": 1.0},
+    {"snapshot_every": 0},
+    {"max_batch_bytes": 10},
+    {"snapshot_chunk_bytes": 40_000},
 ])
 def test_timings_are_validated(bad: dict[str, float]) -> None:
     """Nonsense timings are refused when built, not discovered in production."""

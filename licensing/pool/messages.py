@@ -23,7 +23,6 @@ acting on their last exchange without comparing clocks:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 from ..records import LogEntry
 
@@ -130,12 +129,7 @@ class TimeoutNow:
     term: int
 
 
-Message = Union[
-    RequestVote,
-    VoteReply,
-    AppendEntries,
-    AppendReply,
-    InstallSnapshot,
-    SnapshotReply,
-    TimeoutNow,
-]
+Message = (
+    RequestVote | VoteReply | AppendEntries | AppendReply | InstallSnapshot | SnapshotReply
+    | TimeoutNow
+)

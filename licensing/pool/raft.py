@@ -747,8 +747,7 @@ class RaftNode:
 
     def _matched(self, peer: str, progress: Progress, match: int) -> None:
         """``peer`` holds our log up to ``match``: move on, commit, keep sending."""
-        if match > progress.match_index:
-            progress.match_index = match
+        progress.match_index = max(progress.match_index, match)
         progress.next_index = max(progress.next_index, progress.match_index + 1)
         if progress.snapshot is not None:
             if progress.match_index < progress.snapshot.index:
