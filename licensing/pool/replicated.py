@@ -268,17 +268,18 @@ class ReplicatedPool:
             return None
         now = self.clock.seconds()
         waits = []
+        reachable = self.node.reachable(self.timings.election_timeout)
         for member in self.member_addresses:
             if member == self.name or self.record.allocation(feature, member) == 0:
                 continue
-            if f.majority_rule and not self.fenced(member):
-                free = self.record.allocation(feature, member) - self.record.used(feature, member)
-                if member not in self.node.reachable(self.timings.election_timeout):
-                    waits.append(max(self.timings.peer_heartbeat, self._fenced_at(member) - now))
-                elif free > 0:
-                    waits.append(1.0)
-            elif f.majority_rule:
+            free = self.record.allocation(feature, member) - self.record.used(feature, member)
+            if f.majority_rule and self.fenced(member):
                 waits.append(self.timings.peer_heartbeat * 2)
+            elif f.majority_rule and member not in reachable:
+                waits.append(max(self.timings.peer_heartbeat, self._fenced_at(member) - now))
+            elif member in reachable and free > 0:
+                # Borrowing moves them here, for features without majority rule too.
+                waits.append(1.0)
         if self.record.unassigned(feature) > 0:
             waits.append(self.timings.peer_heartbeat * 2)
         if not waits:
