@@ -304,7 +304,7 @@ class LicenseClient:
         raise Unreachable(f"no member of the pool answered the checkout of {feature!r}: {_describe(last)}")
 
     async def _roomiest(self, feature: str) -> str | None:
-        """The reachable member with the most free seats of ``feature`` in its allocation.
+        """A reachable member with free seats of ``feature``, the more free seats the likelier.
 
         Asked once per feature and remembered for ``HOME_MEMORY`` seconds, so a
         busy client pays one Status call, not one per checkout.
@@ -323,9 +323,13 @@ class LicenseClient:
         best = None
         for f in doc.get("features", []):
             if f.get("name") == feature:
-                shares = [(u["allocation"] - u["used"], name) for name, u in f["members"].items()
-                          if name in reachable]
-                best = max(shares)[1] if shares else None
+                shares = {name: u["allocation"] - u["used"] for name, u in f["members"].items()
+                          if name in reachable and u["allocation"] > u["used"]}
+                if shares:
+                    # Weighted, not the maximum: many clients starting together
+                    # spread over the members instead of all landing on one.
+                    names = sorted(shares)
+                    best = self.rng.choices(names, weights=[shares[n] for n in names])[0]
         self._homes[feature] = (best, now)
         return best
 
