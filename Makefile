@@ -11,4 +11,4 @@ bench-quick:
 	$(PYTHON) bench/run.py --quick
 
 bench-profile:
-	$(PYTHON) bench/run.py --only checkout,heartbeat --profile
+	$(PYTHON) bench/run.py --only checkout,heartbeat --profile --output bench/results-profile.json
