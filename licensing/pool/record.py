@@ -26,6 +26,8 @@ LICENSE = "license"
 ALLOCATION = "allocation"
 REPORT = "report"
 ADOPT = "adopt"
+APPLIED = "applied"
+"""Observers hear this after every entry and snapshot, with the index now applied."""
 
 LEASE_FIELDS = ("lease_id", "feature", "version", "client_id", "user", "host", "count", "server")
 
@@ -74,6 +76,10 @@ class Record:
         self.leases: dict[str, dict[str, Any]] = {}
         self.applied = 0
         self.shrunk_at: dict[str, int] = {}
+        self.shrinks: dict[str, dict[str, int]] = {}
+        """feature -> member -> index of the last entry that lowered that allocation."""
+        self.changes: dict[str, dict[str, int]] = {}
+        """feature -> member -> index of the last entry that changed that allocation."""
         self.observers: list[Callable[[str, Any], None]] = []
 
     @property
@@ -96,6 +102,11 @@ class Record:
 
     def apply(self, index: int, data: bytes) -> object:
         self.applied = index
+        result = self._apply(index, data)
+        self._notify(APPLIED, index)
+        return result
+
+    def _apply(self, index: int, data: bytes) -> object:
         try:
             doc = json.loads(data)
             kind = doc["t"]
@@ -112,11 +123,20 @@ class Record:
         return result
 
     def _shrinks(self, index: int, before: dict[str, dict[str, int]]) -> None:
-        """Remember the last entry that lowered each member's allocation (fencing waits on it)."""
+        """Remember the last entry that lowered or changed each allocation.
+
+        Moving seats waits until every member has applied the entry that
+        lowered its allocation; a member's offer of seats counts only if it
+        was made after the last change of its allocation.
+        """
         for feature, shares in self.allocations.items():
+            old = before.get(feature, {})
             for member, seats in shares.items():
-                if seats < before.get(feature, {}).get(member, seats):
+                if seats < old.get(member, seats):
                     self.shrunk_at[member] = index
+                    self.shrinks.setdefault(feature, {})[member] = index
+                if seats != old.get(member, 0):
+                    self.changes.setdefault(feature, {})[member] = index
 
     def _apply_license(self, doc: dict[str, Any]) -> int:
         sequence = int(doc["seq"])
@@ -208,6 +228,8 @@ class Record:
             "license": base64.b64encode(self.license_data).decode() if self.license_data else None,
             "allocations": self.allocations,
             "shrunk_at": self.shrunk_at,
+            "shrinks": self.shrinks,
+            "changes": self.changes,
             "leases": self.leases,
         })
 
@@ -217,6 +239,8 @@ class Record:
         self.allocations = {f: dict(v) for f, v in doc["allocations"].items()}
         self.leases = dict(doc["leases"])
         self.shrunk_at = dict(doc.get("shrunk_at", {}))
+        self.shrinks = {f: dict(v) for f, v in doc.get("shrinks", {}).items()}
+        self.changes = {f: dict(v) for f, v in doc.get("changes", {}).items()}
         self.license = self.license_data = None
         if doc["license"]:
             raw = base64.b64decode(doc["license"])
@@ -227,3 +251,4 @@ class Record:
         if self.license is not None:
             self._notify(LICENSE, self.license)
         self._notify(ALLOCATION, None)
+        self._notify(APPLIED, self.applied)

@@ -22,6 +22,7 @@ from ..errors import (
     BadRequest,
     LicensingError,
     NoQuorum,
+    NoSeats,
     NotServing,
     StaleLicense,
 )
@@ -105,7 +106,6 @@ class ReplicatedPool:
         self._report_id = 0
         self._in_flight: LeaseReport | None = None
         self._in_flight_at = 0.0
-        self._acked: dict[str, dict[str, Any]] = {}
         self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
         self._steward_loop = LoopingCall(self._steward)
@@ -117,6 +117,10 @@ class ReplicatedPool:
         self._wanted: dict[str, dict[str, int]] = {}
         self._pending: set[tuple[str, str]] = set()
         self._asked: dict[tuple[str, str], float] = {}
+        self._settled_at = 0
+        """The applied index at which the seat table last gave up what the record took away."""
+        self._synced = False
+        """Caught up with a leader since this start: before, the record may be stale."""
 
     # -- IPool ------------------------------------------------------------------
 
@@ -195,11 +199,17 @@ class ReplicatedPool:
     def check_issue(self, feature: Any) -> None:
         if self.record.license is None:
             raise NotServing(f"server {self.name} has no committed license yet; retry shortly")
+        self._settle()
         if feature.majority_rule and not self.has_quorum():
             raise NoQuorum(
                 f"feature {feature.name!r} needs a majority of the pool and server {self.name} "
                 f"cannot see one (leader: {self.node.leader or 'none'}); try another server"
             )
+        if not feature.majority_rule and not self._synced:
+            # A restarted member's record is the committed prefix it happens
+            # to hold; seats moved away since then would be issued twice.
+            raise NotServing(f"server {self.name} restarted and has not yet caught up with the "
+                             f"pool; try another server")
 
     def allocation(self, feature: str) -> int:
         return self.record.allocation(feature, self.name)
@@ -317,7 +327,9 @@ class ReplicatedPool:
                     self._license_waiters.remove((sequence, waiter))
                     waiter.callback(lic.sequence)
         elif kind == entries.ALLOCATION:
-            self._sync_allocations()
+            self._set_allocations()
+        elif kind == entries.APPLIED:
+            self._settle()
         elif kind == entries.ADOPT:
             lease = detail
             if lease["server"] != self.name and self.server.seats.get(lease["lease_id"]) is not None:
@@ -326,13 +338,8 @@ class ReplicatedPool:
                 log.info("lease {lease_id} moved to {to}; released here", lease_id=lease["lease_id"],
                          to=lease["server"])
 
-    def _sync_allocations(self) -> None:
-        """Make the seat table follow the record, less what this member pledged away.
-
-        If the record now gives this member fewer seats than its leases use
-        (its allocation was reclaimed while it was cut off), the newest
-        leases go: their clients convert them at the leader.
-        """
+    def _set_allocations(self) -> None:
+        """Make the seat table follow the record, less what this member pledged away."""
         seats = self.server.seats
         for feature, shares in self.record.allocations.items():
             mine = shares.get(self.name, 0)
@@ -341,6 +348,34 @@ class ReplicatedPool:
                 del self.pledges[feature]
                 pledge = None
             seats.set_allocation(feature, mine - (pledge[1] if pledge else 0))
+
+    def _applied(self) -> int:
+        # Inside Record.apply the record is one ahead of the node; Raft's own
+        # no-op entries move only the node.
+        return max(self.record.applied, self.node.last_applied)
+
+    def _caught_up(self) -> bool:
+        """Whether the record holds everything the leader had committed when it last wrote."""
+        applied = self._applied()
+        if self.node.role == "leader":
+            return applied >= self._ready_index
+        return self.node.leader_commit > 0 and applied >= self.node.leader_commit
+
+    def _settle(self) -> None:
+        """Once caught up, give up the leases the current record leaves no seats for.
+
+        If the record gives this member fewer seats than its leases use (its
+        allocation was reclaimed while it was cut off), the newest leases go:
+        their clients convert them at the leader. Never on a record that is
+        still replaying old entries after a restart: an early entry's smaller
+        allocation would drop leases that the latest one has room for.
+        """
+        if self._settled_at >= self._applied() or not self._caught_up():
+            return
+        self._settled_at = self._applied()
+        self._synced = True
+        seats = self.server.seats
+        for feature in self.record.allocations:
             excess = seats.used(feature) - seats.allocation(feature)
             if excess > 0:
                 newest = sorted((x for x in seats.leases() if x.feature == feature),
@@ -428,6 +463,7 @@ class ReplicatedPool:
     # -- status loop: notes and lease reports (F3) -------------------------------
 
     def _tick(self) -> None:
+        self._settle()
         for peer in self.member_addresses:
             if peer != self.name:
                 self.network.send(peer, self._note())
@@ -435,8 +471,10 @@ class ReplicatedPool:
         self._report()
 
     def _note(self) -> MemberNote:
+        # The leader moves seats a shrink freed only once the shrunk member
+        # reports it settled past that entry, so the index is the settled one.
         return MemberNote(self.name, self.node.role, self.node.term, self.node.commit_index,
-                          self.record.sequence, self.node.last_applied,
+                          self.record.sequence, self._settled_at,
                           {f: list(p) for f, p in self.pledges.items()})
 
     # -- seats across the pool: reclaim, pledges, borrowing ------------------------
@@ -461,11 +499,17 @@ class ReplicatedPool:
         if leader is not None and leader != self.name:
             self.network.send(leader, self._note())
 
-    def _safe(self, member: str) -> bool:
-        """Leader: ``member`` no longer acts on seats that an applied entry took from it."""
+    def _safe(self, member: str, feature: Any) -> bool:
+        """Leader: ``member`` no longer acts on seats of ``feature`` that an entry took from it.
+
+        A fenced member does not act on majority-rule features at all; it
+        may still serve one without majority rule from its old allocation.
+        """
         note = self.notes.get(member)
-        applied = note[1].last_applied if note else 0
-        return applied >= self.record.shrunk_at.get(member, 0) or self.fenced(member)
+        settled = note[1].last_applied if note else 0
+        if settled >= self.record.shrinks.get(feature.name, {}).get(member, 0):
+            return True
+        return bool(feature.majority_rule) and self.fenced(member)
 
     def _steward(self) -> None:
         """Leader, every peer heartbeat: reclaim from fenced members, move pledged and free seats."""
@@ -476,27 +520,74 @@ class ReplicatedPool:
             name = feature.name
             if any(p[0] == name for p in self._pending):
                 continue
-            if feature.majority_rule:
-                for member in self.member_addresses:
-                    share = self.record.allocation(name, member)
-                    if member != self.name and share > 0 and self.fenced(member):
-                        log.info("reclaiming {n} seat(s) of {feature} from unreachable {member}",
-                                 n=share, feature=name, member=member)
-                        self._change(name, {member: 0}, {member: share})
-                        break
-                else:
-                    self._give_unassigned(name)
+            if feature.majority_rule and self._reclaim(feature):
+                continue
+            self._give_unassigned(feature)
             self._move_pledges(name)
             self._ask_donors(name)
 
-    def _change(self, feature: str, changes: dict[str, int], expect: dict[str, int]) -> None:
+    def _reclaim(self, feature: Any) -> bool:
+        """Take the allocation of one fenced member, if any; True if a change was proposed.
+
+        The seats its recorded leases use come straight to this leader,
+        which holds those leases for one TTL: their clients claim them here
+        and are renewed. Left unassigned, those seats went to whichever
+        member asked first, and a new checkout there could take them before
+        the dead member's clients came to claim (DESIGN section 11, item 4).
+        """
+        name = feature.name
+        for member in self.member_addresses:
+            share = self.record.allocation(name, member)
+            if member == self.name or share == 0 or not self.fenced(member):
+                continue
+            orphans = [doc["lease_id"] for doc in self.record.leases.values()
+                       if doc["server"] == member and doc["feature"] == name]
+            keep = min(share, sum(self.record.leases[x]["count"] for x in orphans))
+            mine = self.record.allocation(name, self.name)
+            log.info("reclaiming {n} seat(s) of {feature} from unreachable {member}; holding its "
+                     "{k} recorded lease(s) here", n=share, feature=name, member=member,
+                     k=len(orphans))
+            self._change(name, {member: 0, self.name: mine + keep}, {member: share, self.name: mine}) \
+                .addCallback(lambda index: index is not None
+                             and self._hold_orphans(feature, member, orphans))
+            return True
+        return False
+
+    def _hold_orphans(self, feature: Any, member: str, lease_ids: list[str]) -> None:
+        """Hold the reclaimed member's leases here, under their own ids, until their clients claim."""
+        if self.node.role != "leader":
+            return
+        now = self.clock.seconds()
+        held = []
+        for lease_id in lease_ids:
+            doc = self.record.leases.get(lease_id)
+            if doc is None or doc["server"] != member or self.server.seats.get(lease_id) is not None:
+                continue
+            lease = Lease(lease_id, doc["feature"], doc["version"], doc["client_id"], doc["user"],
+                          doc["host"], doc["count"], self.name, now, now + feature.lease_ttl)
+            try:
+                self.server.seats.reserve(lease)
+            except NoSeats:
+                break
+            held.append(lease)
+        if not held:
+            return
+        self.server.store.put_leases(held).addErrback(
+            lambda f: log.error("reclaimed leases not stored: {e}", e=str(f.value)))
+        for lease in held:
+            self.lease_adopted(lease)
+
+    def _change(self, feature: str, changes: dict[str, int], expect: dict[str, int]) -> Deferred[int]:
         key = (feature, ",".join(sorted(changes)))
         self._pending.add(key)
         d = self._propose(entries.allocation_entry(feature, changes, expect))
-        d.addBoth(lambda _: self._pending.discard(key))
+        d.addBoth(lambda result: (self._pending.discard(key), result)[1])
+        return d
 
     def _receiver(self, feature: str) -> str:
-        wanted = self._wanted.get(feature) or {}
+        """Who gets free seats: the reachable member that asked for most, else this leader."""
+        reachable = self.node.reachable(self.timings.election_timeout)
+        wanted = {m: n for m, n in (self._wanted.get(feature) or {}).items() if m in reachable}
         return max(wanted, key=lambda m: (wanted[m], m)) if wanted else self.name
 
     def _granted(self, feature: str, member: str, seats: int) -> None:
@@ -506,29 +597,40 @@ class ReplicatedPool:
             if wanted[member] <= 0:
                 del wanted[member]
 
-    def _give_unassigned(self, feature: str) -> None:
-        free = self.record.unassigned(feature)
-        if free <= 0 or not all(self._safe(m) for m in self.member_addresses if m != self.name):
+    def _give_unassigned(self, feature: Any) -> None:
+        """Hand free seats out, once every member they were taken from has stopped using them."""
+        name = feature.name
+        free = self.record.unassigned(name)
+        if free <= 0 or not all(self._safe(m, feature) for m in self.member_addresses
+                                if m != self.name):
             return
-        to = self._receiver(feature)
-        share = self.record.allocation(feature, to)
-        self._change(feature, {to: share + free}, {to: share})
-        self._granted(feature, to, free)
+        to = self._receiver(name)
+        share = self.record.allocation(name, to)
+        self._change(name, {to: share + free}, {to: share})
+        self._granted(name, to, free)
 
     def _move_pledges(self, feature: str) -> None:
+        """Shrink a member that offered seats; they go out as unassigned seats once it settled.
+
+        Giver first in two entries, not one: a receiver may apply an entry
+        before the giver does, and a giver that restarted meanwhile has
+        forgotten its offer. An offer counts only if its note was sent after
+        the giver settled the last change of its allocation: an older one
+        may be about an allocation that has since changed and changed back.
+        """
+        changed = self.record.changes.get(feature, {})
         pledged = {self.name: self.pledges.get(feature)}
         for member, (_, note) in self.notes.items():
-            pledged[member] = note.pledges.get(feature)
+            if note.last_applied >= changed.get(member, 0):
+                pledged[member] = note.pledges.get(feature)
+        to = self._receiver(feature)
         for giver, pledge in pledged.items():
             if not pledge or pledge[1] <= 0 or self.record.allocation(feature, giver) != pledge[0]:
                 continue
-            to = self._receiver(feature)
             if to == giver:
                 continue
             base, seats = pledge
-            share = self.record.allocation(feature, to)
-            self._change(feature, {giver: base - seats, to: share + seats}, {giver: base, to: share})
-            self._granted(feature, to, seats)
+            self._change(feature, {giver: base - seats}, {giver: base})
             return
 
     def _ask_donors(self, feature: str) -> None:
@@ -564,9 +666,13 @@ class ReplicatedPool:
         now = self.clock.seconds()
         if self._in_flight is not None and now - self._in_flight_at < 3 * self.timings.status_report:
             return
+        # The difference between what this member holds and what the record
+        # says it holds: also right after a restart, when the record still
+        # lists leases that ended while this member was down.
         current = {lease.lease_id: lease for lease in self.server.seats.leases()}
-        added = [lease_doc(current[k]) for k in current.keys() - self._acked.keys()][:MAX_REPORT]
-        removed = list(self._acked.keys() - current.keys())[:MAX_REPORT]
+        recorded = self.record.held_by(self.name)
+        added = [lease_doc(current[k]) for k in sorted(current.keys() - recorded.keys())][:MAX_REPORT]
+        removed = sorted(recorded.keys() - current.keys())[:MAX_REPORT]
         if not added and not removed:
             self._in_flight = None
             return
@@ -583,13 +689,8 @@ class ReplicatedPool:
 
     def _report_acked(self, report_id: int) -> None:
         report = self._in_flight
-        if report is None or report.report_id != report_id:
-            return
-        for doc in report.added:
-            self._acked[doc["lease_id"]] = doc
-        for lease_id in report.removed:
-            self._acked.pop(lease_id, None)
-        self._in_flight = None
+        if report is not None and report.report_id == report_id:
+            self._in_flight = None
 
     def _merge_report(self, sender: str, report: LeaseReport) -> None:
         if self.node.role != "leader":
