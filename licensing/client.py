@@ -104,8 +104,13 @@ class Lease:
         self.released = True
         self.client._forget(self)
         try:
-            await self.client.call(self.server, commands.Checkin, lease_id=self.lease_id)
-        except (RequestError, *_FAILOVER_ERRORS) as e:
+            answer = await self.client.call(self.server, commands.Checkin, lease_id=self.lease_id)
+            if not answer["released"]:
+                # A leader that deferred a claim (retry-after) is where the
+                # heartbeats go, but the member that issued the lease may
+                # still hold it: give it back wherever it is.
+                await self.client.checkin(self.lease_id)
+        except (RequestError, Unreachable, *_FAILOVER_ERRORS) as e:
             log.warn("checkin of {lease_id} not confirmed ({error}); it expires after its TTL",
                      lease_id=self.lease_id, error=str(e))
 
@@ -457,10 +462,15 @@ class LicenseClient:
                 # Unreachable: closed meanwhile, or a leader we know no endpoint for.
                 log.info("claim at {server} failed: {error}", server=name, error=_describe(e))
                 continue
-            remaining = self._settle(name, answer["statuses"])
+            remaining = {x.lease_id for x in self._settle(name, answer["statuses"])}
+            # A claim the leader could only defer goes on to the other members
+            # too: the member that issued it may still honour it (it answered
+            # NoQuorum for a moment around a change of leader, or was frozen
+            # for less than its allocation lease) and then renews it.
+            remaining |= {status[0] for status in answer["statuses"] if status[1] == commands.RETRY_AFTER}
             if not remaining:
                 return
-            claims = [c for c in claims if c[0] in {x.lease_id for x in remaining}]
+            claims = [c for c in claims if c[0] in remaining]
 
     def close(self) -> None:
         """Stop heartbeating and drop every connection (leases then expire on the servers).
