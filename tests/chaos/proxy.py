@@ -161,10 +161,18 @@ def main(argv: list[str]) -> None:
     from twisted.internet import reactor
     from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
     from twisted.internet.protocol import Factory, Protocol
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
     from twisted.protocols.basic import LineOnlyReceiver
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    quiet = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(textFileLogObserver(sys.stderr), [quiet])],
+                                     redirectStandardIO=False)
     spec = json.loads(Path(argv[0]).read_text())
     rng = random.Random(spec.get("seed", 0))
     rules: list[Rule] = []
