@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Lease:
     """One authorization held by one client.
 
     ``expires_at`` is wall-clock seconds (``IReactorTime.seconds()``) so that a
-    restarted server can tell from its store which leases are still alive.
+    restarted server can tell from its store which leases are still alive. It
+    is the one field that changes: renewal sets it in place, because a
+    heartbeat renews thousands of leases a second. Slots keep a lease small.
     """
 
     lease_id: str

@@ -8,8 +8,6 @@ write starts, and given back if the write fails.
 from __future__ import annotations
 
 import heapq
-from dataclasses import replace
-
 from .errors import NoSeats
 from .records import Lease
 
@@ -69,14 +67,19 @@ class SeatTable:
         heapq.heappush(self._expiry, (lease.expires_at, lease.lease_id))
 
     def renew(self, lease_id: str, expires_at: float) -> Lease | None:
-        """Push a held lease's expiry out; None if it is not held here."""
+        """Push a held lease's expiry out; None if it is not held here.
+
+        O(1) for the usual later deadline: the expiry heap keeps the old one,
+        and ``expire`` moves the entry on when it finds the lease renewed since.
+        """
         lease = self._leases.get(lease_id)
         if lease is None:
             return None
-        renewed = replace(lease, expires_at=expires_at)
-        self._leases[lease_id] = renewed
-        heapq.heappush(self._expiry, (expires_at, lease_id))
-        return renewed
+        if expires_at < lease.expires_at:
+            # Rare (a new license with a shorter TTL): the heap must see the earlier deadline.
+            heapq.heappush(self._expiry, (expires_at, lease_id))
+        lease.expires_at = expires_at
+        return lease
 
     def release(self, lease_id: str) -> Lease | None:
         """Drop a lease and free its seats; None if it was not held here."""
@@ -85,19 +88,25 @@ class SeatTable:
             self._used[lease.feature] -= lease.count
         return lease
 
-    def expire(self, now: float) -> list[Lease]:
-        """Release and return every lease whose expiry is at or before ``now``.
+    def expire(self, now: float, limit: int | None = None) -> list[Lease]:
+        """Release and return leases whose expiry is at or before ``now`` (at most ``limit``).
 
-        The heap keeps stale entries for renewed leases; they are skipped by
-        comparing with the lease's current expiry, so renewal stays O(log n).
+        Heap entries of renewed leases are pushed on to their new deadline
+        here rather than at every renewal; entries of released leases drop out.
         """
-        expired = []
+        expired: list[Lease] = []
         while self._expiry and self._expiry[0][0] <= now:
+            if limit is not None and len(expired) >= limit:
+                break
             when, lease_id = heapq.heappop(self._expiry)
             lease = self._leases.get(lease_id)
-            if lease is not None and lease.expires_at == when:
-                self.release(lease_id)
-                expired.append(lease)
+            if lease is None:
+                continue
+            if lease.expires_at > when:
+                heapq.heappush(self._expiry, (lease.expires_at, lease_id))
+                continue
+            self.release(lease_id)
+            expired.append(lease)
         if len(self._expiry) > 4 * len(self._leases) + 1024:
             self._expiry = [(lease.expires_at, lease.lease_id) for lease in self._leases.values()]
             heapq.heapify(self._expiry)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import random
 import re
-from dataclasses import replace
+from dataclasses import asdict, replace
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +44,9 @@ MAX_TEXT = 256
 MAX_FEATURE = 64
 MAX_COUNT = 10_000
 MAX_LEASES_PER_CALL = 2000
+EXPIRE_PER_SWEEP = 2000
+"""Leases freed per one-second sweep at most, so a mass expiry never stalls the
+reactor for long; the rest go in the next sweeps (later, which is the safe side)."""
 _FEATURE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 _LEASE_RE = re.compile(r"^[0-9a-f]{32}$")
 
@@ -258,8 +261,6 @@ class LicenseServer:
             expires_at=now + f.lease_ttl,
         )
         await self._issue(lease)
-        log.debug("lease {lease_id} of {feature} to {client_id}", lease_id=lease.lease_id,
-                  feature=feature, client_id=client_id)
         return lease
 
     async def _issue(self, lease: Lease) -> None:
@@ -288,21 +289,34 @@ class LicenseServer:
         if not self.serving or self.pool is None:
             raise NotServing(f"server {self.name} is starting up; retry shortly")
         now = self.clock.seconds()
+        today = self.today()
         answers: list[tuple[str, str, float]] = []
+        # Judged once per feature per call: a heartbeat carries up to
+        # MAX_LEASES_PER_CALL leases, mostly of one or two features.
+        usable: dict[str, Feature | None] = {}
+        get = self.seats.get
         for lease_id in lease_ids:
             check_lease_id(lease_id)
-            lease = self.seats.get(lease_id)
+            lease = get(lease_id)
             if lease is None or lease.client_id != client_id or lease.expires_at <= now:
                 answers.append((lease_id, commands.UNKNOWN, 0.0))
                 continue
-            feature = self.license.feature(lease.feature) if self.license else None
-            if feature is None or feature.expired(self.today()):
+            name = lease.feature
+            if name in usable:
+                feature = usable[name]
+            else:
+                feature = self.license.feature(name) if self.license else None
+                if feature is not None and feature.expired(today):
+                    feature = None
+                if feature is not None:
+                    self.pool.check_issue(feature)
+                usable[name] = feature
+            if feature is None:
                 self.seats.release(lease_id)
                 self.forget([lease_id])
                 answers.append((lease_id, commands.LOST, 0.0))
                 continue
-            self.pool.check_issue(feature)
-            self.seats.renew(lease_id, now + feature.lease_ttl)
+            lease.expires_at = now + feature.lease_ttl
             answers.append((lease_id, commands.RENEWED, feature.lease_ttl))
         for claim in claims:
             answers.append(await self._convert(client_id, claim))
@@ -387,11 +401,11 @@ class LicenseServer:
 
     def expire_leases(self) -> list[Lease]:
         """Free the seats of leases whose heartbeats stopped for a TTL."""
-        expired = self.seats.expire(self.clock.seconds())
+        expired = self.seats.expire(self.clock.seconds(), limit=EXPIRE_PER_SWEEP)
         if expired:
-            for lease in expired:
-                log.info("lease {lease_id} of {feature} expired", lease_id=lease.lease_id,
-                         feature=lease.feature)
+            # One line per sweep: a mass expiry must not stall the reactor in logging.
+            log.info("{n} lease(s) expired: {lease_ids}", n=len(expired),
+                     lease_ids=" ".join(lease.lease_id for lease in expired[:20]))
             self.forget([lease.lease_id for lease in expired])
             if self.pool is not None:
                 self.pool.leases_changed()
@@ -461,6 +475,6 @@ class LicenseServer:
                 })
         if verbose:
             doc["leases"] = [
-                {**lease.__dict__} for lease in sorted(self.seats.leases(), key=lambda x: x.issued_at)
+                asdict(lease) for lease in sorted(self.seats.leases(), key=lambda x: x.issued_at)
             ]
         return doc
