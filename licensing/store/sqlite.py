@@ -371,6 +371,18 @@ def _transaction(
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         conn.execute("BEGIN IMMEDIATE")
+        # Fast path: almost every batch is all good writes, and a savepoint per
+        # write triples the statements. Only a batch with a refused write is
+        # rolled back and run again write by write, so that one fails alone.
+        try:
+            results = [(True, write(conn)) for write in writes]
+        except _REFUSED_WRITE:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            conn.execute("BEGIN IMMEDIATE")
+        else:
+            conn.execute("COMMIT")
+            return results
         for write in writes:
             conn.execute("SAVEPOINT write")
             try:
