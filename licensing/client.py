@@ -24,7 +24,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError, ConnectionClosed
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -34,6 +34,9 @@ from . import commands
 from .errors import BadRequest, LicensingError, NoQuorum, NoSeats, NotServing, RequestError
 
 log = Logger()
+
+FAILOVER_RETRY = 0.5
+"""Seconds between failover rounds while no member takes a lease (an election is on)."""
 
 HOME_MEMORY = 30.0
 """Seconds a client keeps its choice of home member for a feature."""
@@ -160,6 +163,7 @@ class LicenseClient:
         self._connections: dict[str, amp.AMP] = {}
         self._connecting: dict[str, list[Deferred[amp.AMP]]] = {}
         self._beating = False
+        self._soon: IDelayedCall | None = None
         self._loop = LoopingCall(self._beat)
         self._loop.clock = clock
         self._tick = 0.0
@@ -230,6 +234,26 @@ class LicenseClient:
     def _disconnected(self, name: str, proto: amp.AMP) -> None:
         if self._connections.get(name) is proto:
             del self._connections[name]
+        if any(lease.server == name for lease in self.leases.values()):
+            # The member holding leases went away (killed, restarted, cut
+            # off): fail over now rather than at the next heartbeat. The
+            # jitter spreads a crowd of clients over a moment.
+            self._beat_soon(self.rng.uniform(0.05, 0.25))
+
+    def _beat_soon(self, delay: float) -> None:
+        """Run a heartbeat round in ``delay`` seconds, unless one is due sooner."""
+        if self.closed or not self.leases:
+            return
+        due = self.clock.seconds() + delay
+        if self._soon is not None and self._soon.active():
+            if self._soon.getTime() <= due:
+                return
+            self._soon.cancel()
+        self._soon = self.clock.callLater(delay, self._soon_due)
+
+    def _soon_due(self) -> None:
+        self._soon = None
+        self._beat()
 
     async def call(self, name: str, command: type[amp.Command], **kwargs: Any) -> dict[str, Any]:
         """One request to member ``name``, bounded by the request timeout."""
@@ -401,6 +425,23 @@ class LicenseClient:
                 lease._lose("no server renewed it within its TTL")
             elif lease.retry_at <= now:
                 by_server.setdefault(lease.server, []).append(lease)
+        try:
+            await self._heartbeat_round(now, by_server)
+        finally:
+            self._follow_up(now)
+
+    def _follow_up(self, started: float) -> None:
+        """Schedule the next round early where waiting for the heartbeat interval
+        would waste a lease's time: a retry-after that is due, or leases no
+        member took in this round (the pool may be electing a leader)."""
+        now = self.clock.seconds()
+        waits = [lease.retry_at - now for lease in self.leases.values() if lease.retry_at > now]
+        if any(lease.renewed_at < started and lease.retry_at <= now for lease in self.leases.values()):
+            waits.append(FAILOVER_RETRY)
+        if waits:
+            self._beat_soon(max(0.0, min(waits)))
+
+    async def _heartbeat_round(self, now: float, by_server: dict[str, list[Lease]]) -> None:
         orphans: list[Lease] = []
         for server, leases in by_server.items():
             try:
@@ -482,6 +523,8 @@ class LicenseClient:
         self.closed = True
         if self._loop.running:
             self._loop.stop()
+        if self._soon is not None and self._soon.active():
+            self._soon.cancel()
         for proto in list(self._connections.values()):
             if proto.transport is not None:
                 proto.transport.loseConnection()
