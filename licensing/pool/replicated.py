@@ -315,7 +315,11 @@ class ReplicatedPool:
     def _record_changed(self, kind: str, detail: Any) -> None:
         if kind == entries.LICENSE:
             lic: License = detail
-            self.server.license = lic
+            served = self.server.license
+            if served is None or lic.sequence >= served.sequence:
+                # A restarted member replays the log from older files up while it
+                # already serves the newer file it stored: it never goes back (F9).
+                self.server.license = lic
             self.offers = {s: d for s, d in self.offers.items() if s > lic.sequence}
             stored = self.server.stored_sequence
             if lic.sequence > stored and self.record.license_data is not None:

@@ -96,3 +96,23 @@ def test_a_follower_that_cannot_hear_the_leader_leaves_no_seat_in_the_record(tmp
         time.sleep(5)
 
     check(run_chaos(tmp_path, 7, 0, script=script, say=say))
+
+
+def test_a_member_restarted_with_a_newer_license_never_serves_an_older_one(tmp_path: Path) -> None:
+    """Seed 42 (kill and freeze only): a member killed, given the next license sequence in its
+    store (``licensectl license install``) and restarted served the new file at once, then the
+    older one again while it replayed the pool's log (each committed license entry replaced the
+    served file), then the new one once the pool committed it: its sequence went 4, 3, 4.
+    Replayed as two such restarts of a follower.
+    """
+
+    def script(nemesis: Nemesis) -> None:
+        nemesis.license_bump = 1.0
+        for _ in range(2):
+            time.sleep(3)
+            nemesis.episode("kill", nemesis.member("follower"), 2.0)
+        time.sleep(3)
+
+    report = run_chaos(tmp_path, 42, 0, script=script, say=say)
+    assert report.stats["expected_sequence"] == 3
+    check(report)
