@@ -141,6 +141,8 @@ def run_chaos(
             finally:
                 nemesis.heal()
         report.phases["faults+heal"] = round(time.monotonic() - t1, 1)
+        for when, what in nemesis.stuck:
+            observer.fail("rejoin", what, when)
 
         t2 = time.monotonic()
         client_proc.send_signal(signal.SIGUSR1)

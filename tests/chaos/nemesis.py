@@ -132,6 +132,8 @@ class Nemesis:
         self.say = say
         self.episodes: list[Episode] = []
         self.history: list[dict[str, Any]] = []
+        self.stuck: list[tuple[float, str]] = []
+        """Victims that did not rejoin the pool within 30 s of healing (when, what)."""
         self._next_at = 0.0
 
     # -- the schedule --------------------------------------------------------------
@@ -291,7 +293,9 @@ class Nemesis:
         if now < ep.recover_until and not all(self._rejoined(v) for v in ep.victims):
             return False
         if now >= ep.recover_until:
-            self.say(f"nemesis: {','.join(ep.victims)} not back in the pool 30 s after {ep.kind} ended")
+            stuck = f"{','.join(ep.victims)} not back in the pool 30 s after {ep.kind} ended"
+            self.stuck.append((time.time(), stuck))
+            self.say(f"nemesis: {stuck}")
         ep.settle_until = now + self.rng.uniform(0.5, 1.5)
         return False
 
