@@ -359,6 +359,10 @@ class LicenseServer:
             await self._issue(lease)
         except NoSeats:
             wait = self.pool.retry_after(feature_name)
+            if wait == 0:
+                # The pool made room just now (seats it keeps for the clients
+                # of a member whose allocation it reclaimed): convert at once.
+                return await self._convert(client_id, claim)
             if wait is not None:
                 return (lease_id, commands.RETRY_AFTER, wait)
             if self._held_elsewhere(feature_name):

@@ -22,7 +22,6 @@ from ..errors import (
     BadRequest,
     LicensingError,
     NoQuorum,
-    NoSeats,
     NotServing,
     StaleLicense,
 )
@@ -114,13 +113,19 @@ class ReplicatedPool:
         self.won_at = 0.0
         self._ready_index = 0
         self.pledges: dict[str, list[int]] = {}
-        self._wanted: dict[str, dict[str, int]] = {}
+        self._wanted: dict[str, dict[str, tuple[int, float]]] = {}
+        """Leader: feature -> member -> (seats it asked for, when it last asked)."""
         self._pending: set[tuple[str, str]] = set()
         self._asked: dict[tuple[str, str], float] = {}
         self._settled_at = 0
         """The applied index at which the seat table last gave up what the record took away."""
         self._synced = False
         """Caught up with a leader since this start: before, the record may be stale."""
+        self._moved_away: set[str] = set()
+        """Leases held here that an applied entry gave to another member."""
+        self._kept: dict[str, list[tuple[int, float]]] = {}
+        """Leader: feature -> (seats, until) reclaimed from fenced members, kept for their
+        clients' claims (not for new checkouts) until one lease TTL after the reclaim."""
 
     # -- IPool ------------------------------------------------------------------
 
@@ -276,6 +281,8 @@ class ReplicatedPool:
         f = self.record.license.feature(feature)
         if f is None:
             return None
+        if self._release_kept(feature, 1):
+            return 0.0
         now = self.clock.seconds()
         waits = []
         reachable = self.node.reachable(self.timings.election_timeout)
@@ -335,15 +342,18 @@ class ReplicatedPool:
         elif kind == entries.APPLIED:
             self._settle()
         elif kind == entries.ADOPT:
-            lease = detail
-            if lease["server"] != self.name and self.server.seats.get(lease["lease_id"]) is not None:
-                self.server.seats.release(lease["lease_id"])
-                self.server.forget([lease["lease_id"]])
-                log.info("lease {lease_id} moved to {to}; released here", lease_id=lease["lease_id"],
-                         to=lease["server"])
+            # Released once settled, if the lease has not come back here by
+            # then: a restarted member replaying the log also meets the
+            # adoptions of leases that it converted itself later on.
+            lease_id = detail["lease_id"]
+            if detail["server"] == self.name:
+                self._moved_away.discard(lease_id)
+            elif self.server.seats.get(lease_id) is not None:
+                self._moved_away.add(lease_id)
 
     def _set_allocations(self) -> None:
-        """Make the seat table follow the record, less what this member pledged away."""
+        """Make the seat table follow the record, less what this member pledged away
+        and, on the leader, the seats it keeps for claims."""
         seats = self.server.seats
         for feature, shares in self.record.allocations.items():
             mine = shares.get(self.name, 0)
@@ -351,7 +361,29 @@ class ReplicatedPool:
             if pledge is not None and pledge[0] != mine:
                 del self.pledges[feature]
                 pledge = None
-            seats.set_allocation(feature, mine - (pledge[1] if pledge else 0))
+            seats.set_allocation(feature, mine - (pledge[1] if pledge else 0) - self._kept_seats(feature))
+
+    def _kept_seats(self, feature: str) -> int:
+        kept = self._kept.get(feature)
+        if not kept:
+            return 0
+        now = self.clock.seconds()
+        if any(until <= now for _, until in kept):
+            kept[:] = [(n, until) for n, until in kept if until > now]
+        return sum(n for n, _ in kept)
+
+    def _release_kept(self, feature: str, count: int) -> bool:
+        """Move ``count`` kept seats into the seat table for a claim; False if too few are kept."""
+        if self._kept_seats(feature) < count:
+            return False
+        kept = self._kept[feature]
+        while count > 0:
+            n, until = kept.pop(0)
+            if n > count:
+                kept.insert(0, (n - count, until))
+            count -= n
+        self._set_allocations()
+        return True
 
     def _applied(self) -> int:
         # Inside Record.apply the record is one ahead of the node; Raft's own
@@ -379,6 +411,13 @@ class ReplicatedPool:
         self._settled_at = self._applied()
         self._synced = True
         seats = self.server.seats
+        for lease_id in sorted(self._moved_away):
+            doc = self.record.leases.get(lease_id)
+            if doc is not None and doc["server"] != self.name and seats.release(lease_id) is not None:
+                self.server.forget([lease_id])
+                log.info("lease {lease_id} moved to {to}; released here", lease_id=lease_id,
+                         to=doc["server"])
+        self._moved_away.clear()
         for feature in self.record.allocations:
             excess = seats.used(feature) - seats.allocation(feature)
             if excess > 0:
@@ -423,6 +462,9 @@ class ReplicatedPool:
         log.info("{name} is {role} in term {term} (leader {leader})", name=self.name, role=role,
                  term=term, leader=leader)
         self._in_flight = None
+        if self._kept:
+            self._kept.clear()
+            self._set_allocations()
         if role == "leader":
             self.won_at = self.clock.seconds()
             self._ready_index = self.node.last_log_index
@@ -485,7 +527,22 @@ class ReplicatedPool:
 
     def _want(self, member: str, feature: str, count: int) -> None:
         wanted = self._wanted.setdefault(feature, {})
-        wanted[member] = max(wanted.get(member, 0), count)
+        before = self._wants(feature).get(member, 0)
+        wanted[member] = (max(before, count), self.clock.seconds())
+
+    def _wants(self, feature: str) -> dict[str, int]:
+        """Seats reachable members asked for lately.
+
+        A member asks again while its checkouts keep failing; an old request
+        of a member that has since been served otherwise, or cannot be
+        reached, would keep seats moving towards it, away from members that
+        need them now (the leader itself, for claims).
+        """
+        now = self.clock.seconds()
+        window = 3 * self.timings.status_report
+        reachable = self.node.reachable(self.timings.election_timeout)
+        return {m: n for m, (n, when) in (self._wanted.get(feature) or {}).items()
+                if now - when <= window and m in reachable}
 
     def _pledge(self, feature: str, count: int) -> None:
         """Stop using ``count`` free seats (giver first), and tell the leader at once."""
@@ -518,6 +575,8 @@ class ReplicatedPool:
     def _steward(self) -> None:
         """Leader, every peer heartbeat: reclaim from fenced members, move pledged and free seats."""
         lic = self.record.license
+        if self._kept:
+            self._set_allocations()  # kept seats whose time is up become ordinary free seats
         if self.node.role != "leader" or lic is None or not self.has_quorum():
             return
         for feature in lic.features.values():
@@ -533,53 +592,32 @@ class ReplicatedPool:
     def _reclaim(self, feature: Any) -> bool:
         """Take the allocation of one fenced member, if any; True if a change was proposed.
 
-        The seats its recorded leases use come straight to this leader,
-        which holds those leases for one TTL: their clients claim them here
-        and are renewed. Left unassigned, those seats went to whichever
-        member asked first, and a new checkout there could take them before
-        the dead member's clients came to claim (DESIGN section 11, item 4).
+        Its whole share comes to this leader, which keeps those seats for
+        claims only (F8), not for new checkouts, for one lease TTL: the
+        member's clients come here to claim their leases, including those
+        it issued in its last moments, which never reached the record. Left
+        unassigned, the seats went to whichever member asked first, and a
+        new checkout there could take them before the dead member's clients
+        came to claim (DESIGN section 11, item 4).
         """
         name = feature.name
         for member in self.member_addresses:
             share = self.record.allocation(name, member)
             if member == self.name or share == 0 or not self.fenced(member):
                 continue
-            orphans = [doc["lease_id"] for doc in self.record.leases.values()
-                       if doc["server"] == member and doc["feature"] == name]
-            keep = min(share, sum(self.record.leases[x]["count"] for x in orphans))
             mine = self.record.allocation(name, self.name)
-            log.info("reclaiming {n} seat(s) of {feature} from unreachable {member}; holding its "
-                     "{k} recorded lease(s) here", n=share, feature=name, member=member,
-                     k=len(orphans))
-            self._change(name, {member: 0, self.name: mine + keep}, {member: share, self.name: mine}) \
-                .addCallback(lambda index: index is not None
-                             and self._hold_orphans(feature, member, orphans))
+            log.info("reclaiming {n} seat(s) of {feature} from unreachable {member}, kept for "
+                     "its clients' claims", n=share, feature=name, member=member)
+            self._change(name, {member: 0, self.name: mine + share}, {member: share, self.name: mine}) \
+                .addCallback(lambda index, n=share: index is not None and self._keep(feature, n))
             return True
         return False
 
-    def _hold_orphans(self, feature: Any, member: str, lease_ids: list[str]) -> None:
-        """Hold the reclaimed member's leases here, under their own ids, until their clients claim."""
-        if self.node.role != "leader":
-            return
-        now = self.clock.seconds()
-        held = []
-        for lease_id in lease_ids:
-            doc = self.record.leases.get(lease_id)
-            if doc is None or doc["server"] != member or self.server.seats.get(lease_id) is not None:
-                continue
-            lease = Lease(lease_id, doc["feature"], doc["version"], doc["client_id"], doc["user"],
-                          doc["host"], doc["count"], self.name, now, now + feature.lease_ttl)
-            try:
-                self.server.seats.reserve(lease)
-            except NoSeats:
-                break
-            held.append(lease)
-        if not held:
-            return
-        self.server.store.put_leases(held).addErrback(
-            lambda f: log.error("reclaimed leases not stored: {e}", e=str(f.value)))
-        for lease in held:
-            self.lease_adopted(lease)
+    def _keep(self, feature: Any, seats: int) -> None:
+        if self.node.role == "leader":
+            until = self.clock.seconds() + feature.lease_ttl
+            self._kept.setdefault(feature.name, []).append((seats, until))
+            self._set_allocations()
 
     def _change(self, feature: str, changes: dict[str, int], expect: dict[str, int]) -> Deferred[int]:
         key = (feature, ",".join(sorted(changes)))
@@ -590,15 +628,16 @@ class ReplicatedPool:
 
     def _receiver(self, feature: str) -> str:
         """Who gets free seats: the reachable member that asked for most, else this leader."""
-        reachable = self.node.reachable(self.timings.election_timeout)
-        wanted = {m: n for m, n in (self._wanted.get(feature) or {}).items() if m in reachable}
+        wanted = self._wants(feature)
         return max(wanted, key=lambda m: (wanted[m], m)) if wanted else self.name
 
     def _granted(self, feature: str, member: str, seats: int) -> None:
         wanted = self._wanted.get(feature, {})
         if member in wanted:
-            wanted[member] -= seats
-            if wanted[member] <= 0:
+            count, when = wanted[member]
+            if count > seats:
+                wanted[member] = (count - seats, when)
+            else:
                 del wanted[member]
 
     def _give_unassigned(self, feature: Any) -> None:
@@ -627,18 +666,15 @@ class ReplicatedPool:
         for member, (_, note) in self.notes.items():
             if note.last_applied >= changed.get(member, 0):
                 pledged[member] = note.pledges.get(feature)
-        to = self._receiver(feature)
         for giver, pledge in pledged.items():
             if not pledge or pledge[1] <= 0 or self.record.allocation(feature, giver) != pledge[0]:
-                continue
-            if to == giver:
                 continue
             base, seats = pledge
             self._change(feature, {giver: base - seats}, {giver: base})
             return
 
     def _ask_donors(self, feature: str) -> None:
-        wanted = self._wanted.get(feature)
+        wanted = self._wants(feature)
         if not wanted:
             return
         now = self.clock.seconds()
