@@ -87,6 +87,36 @@ TARGETS = [
         lambda f: f.value is not None and f.value <= 1024,
         lambda f: f"{f.value:.0f} B/lease",
     ),
+    Target(
+        "failover.half.renewed.median",
+        "failover, pool half full: clients of the killed leader renewed/converted, median <= 2 s",
+        lambda f: f.value is not None and f.value <= 2.0,
+        lambda f: f"{f.value:.2f} s",
+    ),
+    Target(
+        "failover.half.renewed.max",
+        "failover, pool half full: clients of the killed leader renewed/converted, max <= 4 s",
+        lambda f: f.value is not None and f.value <= 4.0,
+        lambda f: f"{f.value:.2f} s",
+    ),
+    Target(
+        "failover.full.renewed.max",
+        "failover, pool full: clients of the killed leader renewed/converted, max <= 5 s",
+        lambda f: f.value is not None and f.value <= 5.0,
+        lambda f: f"{f.value:.2f} s",
+    ),
+    Target(
+        "failover.over_issued",
+        "failover: no seat over-issued at any observer poll",
+        lambda f: f.value == 0,
+        lambda f: f"{f.value:.0f} seat(s) over the count",
+    ),
+    Target(
+        "failover.lost",
+        "failover: no lease lost",
+        lambda f: f.value == 0,
+        lambda f: f"{f.value:.0f} lost",
+    ),
 ]
 
 

@@ -439,3 +439,15 @@ def pool_checkout(bench: Bench) -> list[Figure]:
         if m["errors"]:
             figures[-4].note = f"errors: {m['errors']}"
     return figures
+
+
+@scenario(
+    "failover",
+    "kill -9 the leader of a 3-member pool whose seats 30 clients hold: 10 kills half full, 10 full",
+)
+def failover(bench: Bench) -> list[Figure]:
+    from failover import FailoverSettings, run_failover
+
+    # --quick (1 s points) makes it a smoke run: 3 kills per level.
+    settings = FailoverSettings(repetitions=3 if bench.settings.duration <= 1.0 else 10)
+    return run_failover(bench, settings)
