@@ -146,6 +146,7 @@ class Observer(threading.Thread):
         self.interval = interval
         self.rounds: list[Round] = []
         self.excess: list[dict[str, Any]] = []
+        self.doubles: list[dict[str, Any]] = []
         self._stop_event = threading.Event()
         self._pool = ThreadPoolExecutor(len(box.members), thread_name_prefix="observer")
 
@@ -166,7 +167,10 @@ class Observer(threading.Thread):
                 by_member[name] = sum(x["count"] for x in mine)
                 seats += by_member[name]
                 ids = {x["lease_id"] for x in mine}
-                doubled += len(ids & honoured)
+                twice = ids & honoured
+                if twice:
+                    doubled += len(twice)
+                    self.doubles.append({"at": at, "member": name, "lease_ids": sorted(twice)})
                 honoured |= ids
             self.rounds.append(Round(at, seats, frozenset(honoured), tuple(sorted(by_member)), doubled))
             if seats > self.count:
@@ -492,6 +496,18 @@ def _spread(values: list[float | None]) -> tuple[float | None, float | None, int
     return statistics.median(have), max(have), missing
 
 
+def _placed_in_time(run: Failover, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each event with the kill it followed (level, number, seconds after the kill)."""
+    out = []
+    for event in events[:20]:
+        before = [(i, r) for i, r in enumerate(run.reps) if r.at <= event["at"]]
+        if before:
+            i, rep = before[-1]
+            event = {**event, "after_kill": i + 1, "level": rep.level, "seconds": event["at"] - rep.at}
+        out.append(event)
+    return out
+
+
 def figures_of(run: Failover) -> list[Figure]:
     out: list[Figure] = []
     s = run.settings
@@ -546,7 +562,8 @@ def figures_of(run: Failover) -> list[Figure]:
                            f"{len(run.observer.excess)} above the count; "
                            f"{sum(1 for r in run.observer.rounds if r.doubled)} round(s) saw a lease "
                            f"listed by two acting members",
-                      detail={"excess": run.observer.excess[:20]}))
+                      detail={"excess": _placed_in_time(run, run.observer.excess),
+                              "doubles": _placed_in_time(run, run.observer.doubles)}))
     out.append(Figure("failover", "failover.lost", "leases lost", "leases",
                       float(sum(r.lost for r in run.reps)), better="lower"))
     return out
