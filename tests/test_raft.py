@@ -590,6 +590,18 @@ def test_preferred_member_takes_over_once_it_is_back_and_caught_up() -> None:
     assert pool.leader() is leader and leader.term == term
 
 
+def test_preference_waits_until_the_new_leader_has_led_for_the_delay() -> None:
+    """A leader hands over to a preferred member only after ``preference_delay``, so a
+    failover's reclaim is not restarted by a handover right after the election."""
+    timings = RaftTimings(preference_delay=4.0)
+    pool = Pool(preference={"a": 1, "b": 2, "c": 3}, start=["b", "c"], timings=timings)
+    first = pool.elect()
+    pool.run(first._leader_since + 3.9 - pool.clock.seconds())
+    assert pool.leader() is first  # no handover within the delay, whoever won
+    pool.run(3)
+    assert pool.leader().name == "b"
+
+
 # -- the clock readings fencing uses ---------------------------------------------------
 
 

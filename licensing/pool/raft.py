@@ -69,6 +69,10 @@ class RaftTimings:
     max_batch_bytes: int = 48_000
     snapshot_chunk_bytes: int = MAX_SNAPSHOT_CHUNK
     clock_drift: float = 0.05
+    preference_delay: float = 0.0
+    """A new leader hands over to a preferred member only after leading this long,
+    so a failover finishes (the pool reclaims a dead member's seats) before a
+    handover makes the next leader start its own wait again."""
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat < self.election_timeout:
@@ -895,6 +899,8 @@ class RaftNode:
         if self.role != LEADER:
             return
         self._schedule("preference", self._timings.election_timeout, self._preference_tick)
+        if self._clock.seconds() - self._leader_since < self._timings.preference_delay:
+            return
         target = self._preferred_successor()
         if target is None or self._transfer is not None:
             return

@@ -94,7 +94,8 @@ class ReplicatedPool:
             self.name, list(members), server.store, clock, rng, self.network, self.record,
             RaftTimings(heartbeat=timings.peer_heartbeat, election_timeout=timings.election_timeout,
                         snapshot_every=timings.snapshot_every, max_batch_bytes=MAX_ENTRY_BYTES,
-                        clock_drift=timings.clock_drift),
+                        clock_drift=timings.clock_drift,
+                        preference_delay=self.reclaim_wait() + 2 * timings.election_timeout),
             preference=preference,
         )
         self.node.add_role_observer(self._role_changed)
