@@ -125,6 +125,8 @@ class ReplicatedPool:
         self._moved_away: set[str] = set()
         """Leases held here that an applied entry gave to another member."""
         self._kept: dict[str, list[tuple[int, float]]] = {}
+        self._to_keep: dict[str, list[tuple[int, float]]] = {}
+        """Leader: seats reclaimed and not yet handed out, to keep once they come here."""
         """Leader: feature -> (seats, until) reclaimed from fenced members, kept for their
         clients' claims (not for new checkouts) until one lease TTL after the reclaim."""
 
@@ -189,7 +191,24 @@ class ReplicatedPool:
             return (since is not None and now - since <= lease
                     and node.last_applied >= self._ready_index)
         age = node.leader_contact_age()
-        return age is not None and age <= lease and node.last_applied >= node.leader_commit
+        return (age is not None and age <= lease and node.last_applied >= node.leader_commit
+                and self._commit_of_this_term())
+
+    def _commit_of_this_term(self) -> bool:
+        """Follower: the commit index the leader told us is that of an entry of its own term.
+
+        A new leader learns which entries of earlier terms are committed only
+        once an entry of its own term commits; until then the commit index it
+        sends can leave out a committed entry that shrank this member's
+        allocation, whose seats the record already gave to another member.
+        The seat simulation found it: a member restarted with commit index 0
+        won an election and confirmed allocation leases with commit 0 (seed
+        147, three members, "any" mode). The leader's lease confirmation
+        should wait for this (docs/simulation.md, "Known issues"); until it
+        does, the follower checks it.
+        """
+        node = self.node
+        return node.leader_commit > 0 and node._log.term_at(node.leader_commit) == node.term
 
     def fenced(self, member: str) -> bool:
         """Leader: ``member`` has surely stopped acting on its allocation by now."""
@@ -396,7 +415,7 @@ class ReplicatedPool:
         applied = self._applied()
         if self.node.role == "leader":
             return applied >= self._ready_index
-        return self.node.leader_commit > 0 and applied >= self.node.leader_commit
+        return applied >= self.node.leader_commit and self._commit_of_this_term()
 
     def _settle(self) -> None:
         """Once caught up, give up the leases the current record leaves no seats for.
@@ -463,6 +482,7 @@ class ReplicatedPool:
         log.info("{name} is {role} in term {term} (leader {leader})", name=self.name, role=role,
                  term=term, leader=leader)
         self._in_flight = None
+        self._to_keep.clear()
         if self._kept:
             self._kept.clear()
             self._set_allocations()
@@ -593,32 +613,29 @@ class ReplicatedPool:
     def _reclaim(self, feature: Any) -> bool:
         """Take the allocation of one fenced member, if any; True if a change was proposed.
 
-        Its whole share comes to this leader, which keeps those seats for
-        claims only (F8), not for new checkouts, for one lease TTL: the
-        member's clients come here to claim their leases, including those
-        it issued in its last moments, which never reached the record. Left
-        unassigned, the seats went to whichever member asked first, and a
-        new checkout there could take them before the dead member's clients
-        came to claim (DESIGN section 11, item 4).
+        The seats become unassigned, and the next hand-out gives them to
+        this leader, which keeps them for claims only (F8), not for new
+        checkouts, until one lease TTL after the reclaim: the member's
+        clients come here to claim their leases, including those it issued
+        in its last moments, which never reached the record. Given to
+        whichever member asked first, a new checkout there could take them
+        before the dead member's clients came to claim (DESIGN section 11,
+        item 4). Not in the same entry as the shrink: the member may be back
+        by the time that entry commits, with an allocation lease confirmed
+        by a message sent before the commit, and act on its old share.
         """
         name = feature.name
         for member in self.member_addresses:
             share = self.record.allocation(name, member)
             if member == self.name or share == 0 or not self.fenced(member):
                 continue
-            mine = self.record.allocation(name, self.name)
             log.info("reclaiming {n} seat(s) of {feature} from unreachable {member}, kept for "
                      "its clients' claims", n=share, feature=name, member=member)
-            self._change(name, {member: 0, self.name: mine + share}, {member: share, self.name: mine}) \
-                .addCallback(lambda index, n=share: index is not None and self._keep(feature, n))
+            self._change(name, {member: 0}, {member: share}).addCallback(
+                lambda index, n=share: index is not None and self._to_keep.setdefault(
+                    name, []).append((n, self.clock.seconds() + feature.lease_ttl)))
             return True
         return False
-
-    def _keep(self, feature: Any, seats: int) -> None:
-        if self.node.role == "leader":
-            until = self.clock.seconds() + feature.lease_ttl
-            self._kept.setdefault(feature.name, []).append((seats, until))
-            self._set_allocations()
 
     def _change(self, feature: str, changes: dict[str, int], expect: dict[str, int]) -> Deferred[int]:
         key = (feature, ",".join(sorted(changes)))
@@ -642,16 +659,29 @@ class ReplicatedPool:
                 del wanted[member]
 
     def _give_unassigned(self, feature: Any) -> None:
-        """Hand free seats out, once every member they were taken from has stopped using them."""
+        """Hand free seats out, once every member they were taken from has stopped using them.
+
+        Seats reclaimed from a fenced member come to this leader, kept for claims.
+        """
         name = feature.name
         free = self.record.unassigned(name)
         if free <= 0 or not all(self._safe(m, feature) for m in self.member_addresses
                                 if m != self.name):
             return
-        to = self._receiver(name)
+        keep = [(min(n, free), until) for n, until in self._to_keep.pop(name, [])
+                if until > self.clock.seconds()]
+        to = self.name if keep else self._receiver(name)
         share = self.record.allocation(name, to)
-        self._change(name, {to: share + free}, {to: share})
-        self._granted(name, to, free)
+        d = self._change(name, {to: share + free}, {to: share})
+        if keep:
+            d.addCallback(lambda index: index is not None and self._keep(name, keep))
+        else:
+            self._granted(name, to, free)
+
+    def _keep(self, feature: str, seats: list[tuple[int, float]]) -> None:
+        if self.node.role == "leader":
+            self._kept.setdefault(feature, []).extend(seats)
+            self._set_allocations()
 
     def _move_pledges(self, feature: str) -> None:
         """Shrink a member that offered seats; they go out as unassigned seats once it settled.
