@@ -404,9 +404,16 @@ class LicenseClient:
             lambda f: log.failure("heartbeat loop stopped", f)
         )
 
-    def _beat(self) -> Deferred[None] | None:
+    def _beat(self) -> None:
+        """Start a heartbeat round unless one is running.
+
+        The round's Deferred is deliberately not handed to the LoopingCall:
+        a round may stop that loop (its last lease lost or released), and a
+        LoopingCall stopped while it waits on its own Deferred fails an
+        internal assertion when that Deferred fires (found by the chaos soak).
+        """
         if self._beating:
-            return None
+            return
         self._beating = True
         d = Deferred.fromCoroutine(self.heartbeat_now())
         d.addErrback(lambda f: log.failure("heartbeat round failed", f))
@@ -414,7 +421,7 @@ class LicenseClient:
         def done(_: Any) -> None:
             self._beating = False
 
-        return d.addBoth(done)
+        d.addBoth(done)
 
     async def heartbeat_now(self) -> None:
         """One heartbeat round: every holding server once, then failover for the rest."""

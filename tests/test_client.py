@@ -452,3 +452,46 @@ async def test_real_tls_on_loopback(tmp_path) -> None:
     finally:
         client.close()
         await service.stopService()
+
+
+def test_lease_released_while_a_heartbeat_round_waits_leaves_the_loop_clean() -> None:
+    """Chaos soak seed 101069: the heartbeat loop was stopped (last lease gone) while it
+    waited on a round's Deferred, started and stopped again; when the round ended,
+    LoopingCall failed an internal assertion and logged an unhandled error. The round is now not the loop's to wait on."""
+    import gc
+
+    from twisted.internet import defer
+    from twisted.internet.error import ConnectError
+    from twisted.internet.task import Clock
+
+    from licensing.client import Lease, LicenseClient
+
+    pending: list[defer.Deferred] = []
+
+    class Endpoint:
+        def connect(self, factory):
+            if not pending:
+                d: defer.Deferred = defer.Deferred()
+                pending.append(d)
+                return d
+            return defer.fail(ConnectError("down"))
+
+    clock = Clock()
+    client = LicenseClient(clock, {"ls1": Endpoint()}, heartbeat=1.0, user="u", host="h")
+    lease = Lease(client, "a" * 32, "cad-pro", "", 1, "ls1", 60.0, 1.0)
+    client.leases[lease.lease_id] = lease
+    client._schedule()
+    clock.advance(1.0)
+    assert pending, "the round should be waiting on the connection"
+    lease.released = True
+    client._forget(lease)
+    again = Lease(client, "b" * 32, "cad-pro", "", 1, "ls1", 60.0, 1.0)
+    client.leases[again.lease_id] = again
+    client._schedule()
+    again.released = True
+    client._forget(again)
+    pending[0].errback(ConnectError("down"))
+    clock.advance(5)
+    gc.collect()
+    assert not client._loop.running
+    client.close()
