@@ -1,0 +1,183 @@
+"""The seat simulation: real servers, pools and clients under seeded faults (tests/sim/seats.py).
+
+Invariants (a) no more seats honoured than the count, (b) a heartbeating client
+keeps its lease while only a minority fails, and (c) the healed pool settles,
+are checked after every delivered message and every step; docs/simulation.md
+states them exactly. Each seed fixes the whole run, so a failing seed
+reproduces with the command its failure message prints. Seeds come from
+SIM_SEED / SIM_SEEDS (or --sim-seed / --sim-seeds), as for tests/sim/test_sim.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+
+from .cluster import SimulationFailure
+from .conftest import _setting, _soak_selected
+from .seats import (
+    CI,
+    CI_ANY,
+    SOAK,
+    SOAK_ANY,
+    SeatCluster,
+    SeatProfile,
+    make_seat_config,
+    run_seat_simulation,
+)
+
+PROFILES = {"minority": CI, "any": CI_ANY}
+
+CI_SEEDS = {("minority", 3): 50, ("minority", 5): 30, ("any", 3): 40, ("any", 5): 25}
+"""Seeds per CI case: about 75 s on one core together; five members cost about twice three."""
+
+SOAK_SEEDS = 1000
+SOAK_CASES = [("minority", 3), ("minority", 5), ("any", 3), ("any", 5)]
+"""A soak seed's case is SOAK_CASES[seed % 4]."""
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    config = metafunc.config
+    seed = _setting(config, "sim_seed", "SIM_SEED")
+    count = _setting(config, "sim_seeds", "SIM_SEEDS")
+    if "seat_case" in metafunc.fixturenames:
+        cases = [(mode, nodes, s) for (mode, nodes), n in CI_SEEDS.items()
+                 for s in ([seed] if seed is not None else range(count if count is not None else n))]
+        metafunc.parametrize("seat_case", cases,
+                             ids=[f"{mode}-nodes{nodes}-seed{s}" for mode, nodes, s in cases])
+    if "seat_soak_seed" in metafunc.fixturenames:
+        if seed is not None:
+            seeds = [seed]
+        elif not _soak_selected(config):
+            seeds = [0]  # skipped anyway: one placeholder, not a thousand skips
+        else:
+            seeds = list(range(count if count is not None else SOAK_SEEDS))
+        metafunc.parametrize("seat_soak_seed", seeds, ids=[f"seed{s}" for s in seeds])
+
+
+def _run(seed: int, nodes: int, profile: SeatProfile, reproduce: str,
+         lease_ttl: int | None = None) -> None:
+    try:
+        run_seat_simulation(seed, nodes, profile, lease_ttl)
+    except SimulationFailure as failure:
+        pytest.fail(f"seat simulation seed {seed}, {nodes} members, {profile.mode} mode failed: "
+                    f"{failure}\nreproduce: {reproduce}", pytrace=False)
+
+
+def test_seat_schedule(seat_case: tuple[str, int, int]) -> None:
+    """A random schedule keeps (a), (b) in minority mode, and settles (c) once healed."""
+    mode, nodes, seed = seat_case
+    _run(seed, nodes, PROFILES[mode],
+         f"SIM_SEED={seed} pytest tests/sim -k 'test_seat_schedule and {mode}-nodes{nodes}-'")
+
+
+@pytest.mark.soak
+def test_seat_soak(seat_soak_seed: int) -> None:
+    """A longer random schedule; the seed picks members and mode from SOAK_CASES."""
+    mode, nodes = SOAK_CASES[seat_soak_seed % len(SOAK_CASES)]
+    profile = SOAK if mode == "minority" else SOAK_ANY
+    _run(seat_soak_seed, nodes, profile,
+         f"SIM_SEED={seat_soak_seed} pytest tests/sim -m soak -k test_seat_soak")
+
+
+# Seeds that once failed, and what they caught. The pool and the nemesis have
+# changed since (minority mode now leaves a lease TTL between faults), so a
+# seed no longer replays the very same schedule; they stay as extra coverage.
+REGRESSIONS = [
+    # pool: retry-after ignored free seats elsewhere for a feature without majority rule.
+    pytest.param(4, 3, CI, None, id="seed4-nodes3-minority-retry-after-without-majority-rule"),
+    # pool: a stale pledge (allocation changed and changed back) moved seats the
+    # giver still used: 7 seats of 6 at t=5.8 with no fault.
+    pytest.param(15, 3, CI, None, id="seed15-nodes3-minority-stale-pledge-over-issue"),
+    # pool: a giver that restarted forgot its pledge; later, a lease issued just
+    # after its member was isolated never reached the record.
+    pytest.param(11, 3, CI, None, id="seed11-nodes3-minority-forgotten-pledge-unrecorded-lease"),
+    # pool: replaying the log after a restart released leases an early entry had no room for.
+    pytest.param(2, 3, CI, None, id="seed2-nodes3-minority-replay-released-leases"),
+    # pool: the record kept the leases of a restarted member forever.
+    pytest.param(3, 3, CI, None, id="seed3-nodes3-minority-stale-record-after-restart"),
+    # pool: reclaimed seats went to new checkouts before the dead member's clients claimed.
+    pytest.param(1, 3, CI, None, id="seed1-nodes3-minority-reclaimed-seats-taken"),
+    # client: LoopingCall assertion after the loop stopped and restarted mid-round.
+    pytest.param(28, 3, CI, None, id="seed28-nodes3-minority-heartbeat-loop-restart"),
+    # pool: a restarted member served a feature without majority rule from a stale record.
+    pytest.param(32, 5, CI, None, id="seed32-nodes5-minority-stale-record-without-majority-rule"),
+    # pool: a pledge stuck when the giver also wanted seats (no convergence).
+    pytest.param(5, 3, CI, None, id="seed5-nodes3-minority-stuck-pledge"),
+    # pool: old requests for seats made the leader pledge and take back its own seats.
+    pytest.param(53, 5, CI, None, id="seed53-nodes5-minority-stale-seat-requests"),
+    # pool: replaying an old adoption released a lease the member had converted since.
+    pytest.param(58, 5, CI, 30, id="seed58-nodes5-minority-ttl30-replayed-adoption"),
+    # raft (guarded in the pool): a new leader confirmed leases with a stale commit index.
+    pytest.param(99, 5, CI, 10, id="seed99-nodes5-minority-ttl10-new-leader-commit"),
+    pytest.param(55, 3, CI_ANY, None, id="seed55-nodes3-any-new-leader-commit"),
+    pytest.param(61, 3, CI_ANY, None, id="seed61-nodes3-any-new-leader-commit"),
+    pytest.param(144, 3, CI_ANY, None, id="seed144-nodes3-any-new-leader-commit"),
+    pytest.param(147, 3, CI_ANY, None, id="seed147-nodes3-any-restarted-leader-commit-0"),
+    pytest.param(134, 5, CI_ANY, None, id="seed134-nodes5-any-new-leader-commit"),
+    pytest.param(141, 5, CI_ANY, None, id="seed141-nodes5-any-synced-on-stale-commit"),
+    # pool: a reclaim that gave the seats to the leader in the same entry.
+    pytest.param(8, 3, CI_ANY, None, id="seed8-nodes3-any-one-entry-reclaim"),
+    # harness: a lease renewed by nobody since healing counted as settled.
+    pytest.param(77, 5, CI, None, id="seed77-nodes5-minority-settled-too-early"),
+]
+
+
+@pytest.mark.parametrize("seed, nodes, profile, lease_ttl", REGRESSIONS)
+def test_seat_regression(seed: int, nodes: int, profile: SeatProfile, lease_ttl: int | None) -> None:
+    """A seed that once failed passes."""
+    _run(seed, nodes, profile, f"pytest tests/sim -k 'test_seat_regression and seed{seed}-'",
+         lease_ttl)
+
+
+def _fingerprint(seed: int) -> str:
+    run = run_seat_simulation(seed, 3, CI_ANY)
+    return hashlib.sha256("\n".join(run.cluster.recent_events()).encode()).hexdigest()
+
+
+def test_a_seed_replays_exactly() -> None:
+    """Two runs of one seed go through the very same events, so a failure reproduces."""
+    assert _fingerprint(3) == _fingerprint(3)
+
+
+def test_over_issue_is_caught() -> None:
+    """Invariant (a) fails a run in which members that may act believe in more seats than the count."""
+    cluster = SeatCluster(make_seat_config(0, 3, "minority"))
+    cluster.run(8.0)
+    cluster.check()
+    leader = cluster.leaders()[0]
+    feature = next(f for f in cluster.license.features.values() if f.majority_rule)
+    leader.server.seats.set_allocation(feature.name, feature.count + 1)
+    with pytest.raises(SimulationFailure, match=r"^\(a\)"):
+        cluster.check()
+
+
+def test_frozen_member_runs_overdue_events_in_order_when_resumed() -> None:
+    """A frozen member keeps its timers and messages until it resumes, like a SIGSTOPped process."""
+    cluster = SeatCluster(make_seat_config(0, 3, "any"))
+    cluster.run(8.0)
+    name = cluster.names[0]
+    clock = cluster.clocks[name]
+    ran: list[str] = []
+    cluster.pause(name)
+    clock.callLater(1.0, ran.append, "timer")
+    clock.hold(lambda: ran.append("message"))
+    cluster.run(2.0)
+    assert ran == []
+    cluster.resume(name)
+    assert ran == ["message", "timer"]
+
+
+def test_minority_mode_keeps_a_healthy_majority() -> None:
+    """In minority mode the nemesis never leaves the pool without a connected majority."""
+    from .seats import SeatNemesis
+
+    config = make_seat_config(1, 5, "minority")
+    cluster = SeatCluster(config)
+    nemesis = SeatNemesis(cluster, CI, random.Random(1))
+    cluster.run(8.0)
+    for _ in range(40):
+        nemesis.rng.choices(*zip(*nemesis._actions))[0]()
+        assert cluster.healthy_majority()
