@@ -50,6 +50,13 @@ FEATURES = {
 ELECTION_TIMEOUT = 1.0
 ALLOCATION_LEASE = 2.0
 
+SETTLE = 25.0
+"""Seconds the tests wait for every lease to be renewed or converted after a fault.
+
+Under the lease TTL (30 s), so a lease nobody takes still shows; the figures
+printed are typically 3-8 s, and the margin is for a loaded 2-core CI machine.
+The speed itself is judged by bench/failover.py, never here."""
+
 
 # -- helpers -------------------------------------------------------------------
 
@@ -131,7 +138,7 @@ class Pool:
         for name in names:
             self.box.wait_serving(name, 30)
 
-    def leader(self, names: tuple[str, ...] | list[str] = MEMBERS, timeout: float = 15.0,
+    def leader(self, names: tuple[str, ...] | list[str] = MEMBERS, timeout: float = 25.0,
                steady: float = 1.5 * ELECTION_TIMEOUT) -> tuple[str, int]:
         """The leader and term ``names`` agree on, once unchanged for ``steady`` seconds.
 
@@ -525,7 +532,7 @@ async def test_leader_kill_keeps_every_lease(pool, fleet) -> None:
     killed_at = reactor.seconds()
     await in_thread(p.box.kill, leader)
     took = await eventually("every lease renewed or converted after the leader kill",
-                            lambda: f.settled_since(killed_at, leader), 15)
+                            lambda: f.settled_since(killed_at, leader), SETTLE)
     assert not f.lost, f.lost
     converted = sum(1 for lease in f.leases if lease.converted)
     print(f"\nleader kill: all {COUNT} leases renewed or converted after {took:.2f} s "
@@ -553,7 +560,7 @@ async def test_follower_kill_keeps_every_lease(pool, fleet) -> None:
     killed_at = reactor.seconds()
     await in_thread(p.box.kill, victim)
     took = await eventually("every lease renewed or converted after the follower kill",
-                            lambda: f.settled_since(killed_at, victim), 15)
+                            lambda: f.settled_since(killed_at, victim), SETTLE)
     assert not f.lost, f.lost
     print(f"\nfollower kill: all {COUNT} leases renewed or converted after {took:.2f} s")
     assert (await in_thread(p.box.status, leader))["leader"] == leader
@@ -578,7 +585,7 @@ async def test_frozen_member_does_not_serve_reclaimed_seats(pool, fleet, role: s
     frozen_at = reactor.seconds()
     p.box.signal(victim, signal.SIGSTOP)
     took = await eventually(f"every lease of the frozen {role} renewed or converted",
-                            lambda: f.settled_since(frozen_at, victim), 15)
+                            lambda: f.settled_since(frozen_at, victim), SETTLE)
     await sleep(max(0.0, 2 * ALLOCATION_LEASE - took))
     p.box.signal(victim, signal.SIGCONT)
     await steady(p)
