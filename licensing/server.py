@@ -358,7 +358,7 @@ class LicenseServer:
         try:
             await self._issue(lease)
         except NoSeats:
-            wait = self.pool.retry_after(feature_name)
+            wait = self.pool.retry_after(feature_name, lease_id=lease_id)
             if wait == 0:
                 # The pool made room just now (seats it keeps for the clients
                 # of a member whose allocation it reclaimed): convert at once.

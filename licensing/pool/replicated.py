@@ -294,14 +294,18 @@ class ReplicatedPool:
         else:
             self.network.send(leader, SeatRequest(feature, count))
 
-    def retry_after(self, feature: str) -> float | None:
-        """Leader: when converting a lease of ``feature`` may succeed, or None if it cannot."""
+    def retry_after(self, feature: str, lease_id: str | None = None) -> float | None:
+        """Leader: when converting a lease of ``feature`` may succeed, or None if it cannot.
+
+        0 means now: a seat kept for claims was just made free for the claim
+        of ``lease_id``, which the server then converts at once.
+        """
         if self.node.role != "leader" or self.record.license is None:
             return None
         f = self.record.license.feature(feature)
         if f is None:
             return None
-        if self._release_kept(feature, 1):
+        if self._may_use_kept(feature, lease_id) and self._release_kept(feature, 1):
             return 0.0
         now = self.clock.seconds()
         waits = []
@@ -392,8 +396,24 @@ class ReplicatedPool:
             kept[:] = [(n, until) for n, until in kept if until > now]
         return sum(n for n, _ in kept)
 
+    def _may_use_kept(self, feature: str, lease_id: str | None) -> bool:
+        """Kept seats are for leases of members whose allocation was reclaimed.
+
+        Also for leases the record never heard of (issued in a member's last
+        moments), but not for one that a member still acting holds: around a
+        change of leader every follower answers NoQuorum for a moment, its
+        clients claim here, and converting them would spend the kept seats
+        on leases that are not lost.
+        """
+        doc = self.record.leases.get(lease_id) if lease_id is not None else None
+        if doc is None:
+            return True
+        holder = doc["server"]
+        return (holder != self.name and self.record.allocation(feature, holder) == 0) \
+            or self.fenced(holder)
+
     def _release_kept(self, feature: str, count: int) -> bool:
-        """Move ``count`` kept seats into the seat table for a claim; False if too few are kept."""
+        """Stop keeping ``count`` seats (for a claim, or a pledge); False if too few are kept."""
         if self._kept_seats(feature) < count:
             return False
         kept = self._kept[feature]
@@ -482,10 +502,10 @@ class ReplicatedPool:
         log.info("{name} is {role} in term {term} (leader {leader})", name=self.name, role=role,
                  term=term, leader=leader)
         self._in_flight = None
+        # Seats kept for claims stay kept after a change of leader: new
+        # checkouts here may not take them, and the new leader, where the
+        # claims now go, borrows them first (_pledge).
         self._to_keep.clear()
-        if self._kept:
-            self._kept.clear()
-            self._set_allocations()
         if role == "leader":
             self.won_at = self.clock.seconds()
             self._ready_index = self.node.last_log_index
@@ -566,17 +586,24 @@ class ReplicatedPool:
                 if now - when <= window and m in reachable}
 
     def _pledge(self, feature: str, count: int) -> None:
-        """Stop using ``count`` free seats (giver first), and tell the leader at once."""
+        """Stop using ``count`` free seats (giver first), and tell the leader at once.
+
+        Seats kept for claims go first once this member no longer leads: it
+        kept them for claims that now go to another leader.
+        """
         if self.record.license is None or self.record.license.feature(feature) is None:
             return
         seats = self.server.seats
-        give = min(count, seats.free(feature))
+        kept = self._kept_seats(feature) if self.node.role != "leader" else 0
+        give = min(count, seats.free(feature) + kept)
         if give <= 0:
             return
+        if kept:
+            self._release_kept(feature, min(give, kept))
         base = self.record.allocation(feature, self.name)
         pledge = self.pledges.setdefault(feature, [base, 0])
         pledge[1] += give
-        seats.set_allocation(feature, base - pledge[1])
+        self._set_allocations()
         leader = self.node.leader
         if leader is not None and leader != self.name:
             self.network.send(leader, self._note())

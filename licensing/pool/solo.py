@@ -91,7 +91,7 @@ class SoloPool:
     def request_seats(self, feature: str, count: int) -> None:
         """The whole count is already here."""
 
-    def retry_after(self, feature: str) -> float | None:
+    def retry_after(self, feature: str, lease_id: str | None = None) -> float | None:
         return None
 
     def lease_adopted(self, lease: Any) -> None:
