@@ -30,17 +30,13 @@ from .seats import (
 
 PROFILES = {"minority": CI, "any": CI_ANY}
 
-CI_SEEDS = {("minority", 3): 50, ("minority", 5): 30, ("any", 3): 40, ("any", 5): 25}
-"""Seeds per CI case: about 75 s on one core together; five members cost about twice three."""
+CI_SEEDS = {("minority", 3): 40, ("minority", 5): 20, ("any", 3): 30, ("any", 5): 15}
+"""Seeds per CI case: with the regressions about 80 s on one core; five members cost about
+twice three, and a minority-mode run (a lease TTL after every fault) more than an any-mode one."""
 
-OPEN_SEEDS = {
-    ("minority", 3, 26): "open bug: invariant (b), client c10 loses a lease issued by the crashed "
-                         "ls2 at t=26.5 (no member renewed it within its TTL); fix in progress",
-    ("minority", 5, 15): "open bug: invariant (b), client c2 loses a lease issued by ls3 at t=57.2 "
-                         "while ls3 and ls4 are down; fix in progress",
-}
-"""CI seeds that still find a lost lease (never an over-issued seat) at the end of this
-session: kept visible as expected failures until the fix lands, not dropped."""
+OPEN_SEEDS: dict[tuple[str, int, int], str] = {}
+"""CI seeds that still fail on a known open bug, run as expected failures (with the symptom
+as the reason) until the fix lands, rather than dropped. None at the moment."""
 
 SOAK_SEEDS = 1000
 SOAK_CASES = [("minority", 3), ("minority", 5), ("any", 3), ("any", 5)]
@@ -133,6 +129,18 @@ REGRESSIONS = [
     pytest.param(8, 3, CI_ANY, None, id="seed8-nodes3-any-one-entry-reclaim"),
     # harness: a lease renewed by nobody since healing counted as settled.
     pytest.param(77, 5, CI, None, id="seed77-nodes5-minority-settled-too-early"),
+    # pool: a preferred-leader transfer right after a failover dropped the seats the old
+    # leader kept for claims; new checkouts took them.
+    pytest.param(26, 3, CI, None, id="seed26-nodes3-minority-transfer-dropped-kept-seats"),
+    pytest.param(199, 3, CI, None, id="seed199-nodes3-minority-transfer-dropped-kept-seats"),
+    pytest.param(15, 5, CI, None, id="seed15-nodes5-minority-two-down-kept-seats"),
+    # pool: the leader pledged the seats it kept for claims to a member asking for seats.
+    pytest.param(13, 5, CI, None, id="seed13-nodes5-minority-leader-pledged-kept-seats"),
+    # pool: claims of leases still held by a live member spent the kept seats.
+    pytest.param(6, 5, CI, None, id="seed6-nodes5-minority-kept-seats-spent-on-live-leases"),
+    # raft liveness (harness now counts both ends of a blocked link as faulty): a leader that
+    # receives from all but reaches one follower is never deposed.
+    pytest.param(155, 5, CI, None, id="seed155-nodes5-minority-one-way-leader"),
 ]
 
 
