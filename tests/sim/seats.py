@@ -71,10 +71,13 @@ LEASE_TTLS = {"minority": (15, 20), "any": (10, 15, 20)}
 """Lease TTLs per mode: in minority mode a failover must fit in one (docs/simulation.md)."""
 
 NORMAL_DELAY = (0.001, 0.02)
+"""One-way delay of a message between members."""
+
 SPIKE_DELAYS = {"minority": (NORMAL_DELAY, (0.01, 0.3)),
                 "any": (NORMAL_DELAY, (0.01, 0.3), (0.2, 1.5), (0.5, 3.0))}
 """Delay spikes per mode: a leader whose messages take seconds keeps leading while it cannot
 confirm allocation leases in time, a gray failure Raft does not detect (docs/simulation.md)."""
+
 STEP_LENGTHS = (0.05, 0.2, 0.5, 1.0, 2.0, 3.0, 5.0)
 
 _RESPONDERS = {
@@ -95,8 +98,9 @@ class SeatProfile:
 
     steps: int
     mode: str
-    """"minority": at every instant a majority of the members is up, unfrozen and fully
-    connected, so every heartbeating client must keep its lease; "any": no such promise."""
+    """"minority": at every instant a majority of the members is untouched by faults, and the
+    pool gets a lease TTL after every change of the faults, so every heartbeating client must
+    keep its lease; "any": no such promise (docs/simulation.md, "Modes")."""
     recovery_seconds: float = 90.0
 
 
@@ -812,7 +816,7 @@ class SeatInvariants:
         if cluster.violations:
             raise SimulationFailure("; ".join(cluster.violations))
         for member in cluster.members.values():
-            if member.synced_at is None and member.pool._synced:  # the simulation may peek
+            if member.synced_at is None and member.pool._synced:
                 member.synced_at = cluster.clock.seconds()
         for feature in cluster.license.features.values():
             # Members that may not act only lower the sums: ask them only when needed.
