@@ -695,8 +695,11 @@ class ReplicatedPool:
         if free <= 0 or not all(self._safe(m, feature) for m in self.member_addresses
                                 if m != self.name):
             return
-        keep = [(min(n, free), until) for n, until in self._to_keep.pop(name, [])
-                if until > self.clock.seconds()]
+        keep, left = [], free
+        for n, until in self._to_keep.pop(name, []):
+            if until > self.clock.seconds() and left > 0:
+                keep.append((min(n, left), until))
+                left -= min(n, left)
         to = self.name if keep else self._receiver(name)
         share = self.record.allocation(name, to)
         d = self._change(name, {to: share + free}, {to: share})
