@@ -246,10 +246,10 @@ def _react(task: Any, run: Any) -> int:
     if isinstance(outcome, Failure):
         if outcome.check(LicensingError):
             raise outcome.value
-        from twisted.internet.error import ConnectError
+        from twisted.internet.error import ConnectError, ConnectingCancelledError
         from twisted.internet.defer import TimeoutError as DeferredTimeout
 
-        if outcome.check(ConnectError, DeferredTimeout):
+        if outcome.check(ConnectError, ConnectingCancelledError, DeferredTimeout):
             raise LicensingError(f"cannot reach the pool: {outcome.getErrorMessage()}")
         raise LicensingError(f"unexpected error: {outcome.getErrorMessage()}")
     return int(outcome)

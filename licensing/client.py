@@ -23,7 +23,7 @@ from service_identity import VerificationError
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
-from twisted.internet.error import ConnectError, ConnectionClosed
+from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionClosed
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -38,6 +38,10 @@ log = Logger()
 FAILOVER_RETRY = 0.5
 """Seconds between failover rounds while no member takes a lease (an election is on)."""
 
+SILENT_FOR = 3
+"""Request timeouts for which a member that did not answer at all is asked last,
+and not asked for claims other than as the leader."""
+
 HOME_MEMORY = 30.0
 """Seconds a client keeps its choice of home member for a feature."""
 
@@ -47,8 +51,12 @@ EndpointFactory = Callable[[str, str, int], IStreamClientEndpoint]
 # A failed TLS handshake (the member's certificate does not verify or name
 # it, or it refuses ours) ends the connection with the TLS error itself, not
 # a ConnectionClosed: that member is as unusable as an unreachable one.
-_FAILOVER_ERRORS = (NotServing, NoQuorum, DeferredTimeout, ConnectError, ConnectionClosed,
-                    amp.ProtocolSwitched, CancelledError, SSL.Error, VerificationError)
+# A connection attempt cut short by the request timeout fails with
+# ConnectingCancelledError (not a ConnectError): a frozen member whose listen
+# backlog is full never completes the TCP handshake.
+_SILENT_ERRORS = (DeferredTimeout, ConnectError, ConnectingCancelledError, ConnectionClosed,
+                  CancelledError, SSL.Error, VerificationError)
+_FAILOVER_ERRORS = (NotServing, NoQuorum, amp.ProtocolSwitched, *_SILENT_ERRORS)
 
 
 class Unreachable(LicensingError):
@@ -162,6 +170,8 @@ class LicenseClient:
         self._homes: dict[str, tuple[str | None, float]] = {}
         self._connections: dict[str, amp.AMP] = {}
         self._connecting: dict[str, list[Deferred[amp.AMP]]] = {}
+        self._silent: dict[str, float] = {}
+        """Member -> when it last failed to answer at all (down, frozen, cut off)."""
         self._beating = False
         self._soon: IDelayedCall | None = None
         self._loop = LoopingCall(self._beat)
@@ -257,16 +267,28 @@ class LicenseClient:
 
     async def call(self, name: str, command: type[amp.Command], **kwargs: Any) -> dict[str, Any]:
         """One request to member ``name``, bounded by the request timeout."""
-        proto = await self._connect(name)
-        d = proto.callRemote(command, **kwargs)
-        d.addTimeout(self.request_timeout, self.clock)
         try:
-            return await d
-        except DeferredTimeout:
-            # A member that does not answer in time is treated as gone.
-            if proto.transport is not None:
-                proto.transport.abortConnection()
+            proto = await self._connect(name)
+            d = proto.callRemote(command, **kwargs)
+            d.addTimeout(self.request_timeout, self.clock)
+            try:
+                answer = await d
+            except DeferredTimeout:
+                # A member that does not answer in time is treated as gone.
+                if proto.transport is not None:
+                    proto.transport.abortConnection()
+                raise
+        except _SILENT_ERRORS:
+            self._silent[name] = self.clock.seconds()
             raise
+        self._silent.pop(name, None)
+        return answer
+
+    def _is_silent(self, name: str) -> bool:
+        """Whether ``name`` failed to answer at all lately: asking it again costs a
+        request timeout (a frozen member) that a lease in failover cannot spare."""
+        since = self._silent.get(name)
+        return since is not None and self.clock.seconds() - since < SILENT_FOR * self.request_timeout
 
     def _order(self, first: str | None = None) -> list[str]:
         names = list(self.endpoints)
@@ -275,6 +297,7 @@ class LicenseClient:
             if preferred in names:
                 names.remove(preferred)
                 names.insert(0, preferred)
+        names.sort(key=self._is_silent)
         return names
 
     async def locate(self) -> tuple[str | None, list[tuple[str, str, int]]]:
@@ -500,7 +523,8 @@ class LicenseClient:
             log.warn("{error}; retrying at the next heartbeat", error=str(e))
             return
         candidates = [leader] if leader else []
-        candidates += [name for name in self._order() if name not in candidates]
+        candidates += [name for name in self._order()
+                       if name not in candidates and not self._is_silent(name)]
         claims = [(x.lease_id, x.feature, x.version, x.count, self.user, self.host) for x in leases]
         for name in candidates:
             try:

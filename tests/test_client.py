@@ -18,7 +18,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
@@ -46,6 +46,7 @@ class Network:
     pki: PKI
     servers: dict[str, Any] = field(default_factory=dict)
     down: set[str] = field(default_factory=set)
+    frozen: set[str] = field(default_factory=set)
     pumps: list[iosim.IOPump] = field(default_factory=list)
     links: dict[str, list[iosim.IOPump]] = field(default_factory=dict)
 
@@ -85,6 +86,16 @@ class Network:
             pump.serverIO.loseConnection()
         self.flush()
 
+    def freeze(self, name: str) -> None:
+        """Member ``name`` stops (SIGSTOP) and its listen backlog is full: new
+        connections to it hang in the TCP handshake until the client cancels
+        them. Open connections drop, as the client aborts them at its first
+        request timeout anyway."""
+        self.frozen.add(name)
+        for pump in self.links.get(name, []):
+            pump.serverIO.loseConnection()
+        self.flush()
+
     def run(self, work: Coroutine[Any, Any, Any] | Deferred[Any]) -> Any:
         """Start work, deliver everything, and return its result (or raise its error)."""
         d = Deferred.fromCoroutine(work) if not isinstance(work, Deferred) else work
@@ -110,6 +121,9 @@ class MemoryEndpoint:
         net = self.net
         if self.name in net.down or self.name not in net.servers:
             return fail(ConnectionRefusedError(self.name))
+        if self.name in net.frozen:
+            # What a TCP endpoint does when its connection attempt is cancelled.
+            return Deferred(lambda d: d.errback(ConnectingCancelledError(_ADDRESS)))
         server_factory, server_options = net.servers[self.name]
         server_side = TLSMemoryBIOFactory(server_options, False, server_factory, net.clock)
         client_side = TLSMemoryBIOFactory(self.options, True, factory, net.clock)
@@ -355,6 +369,32 @@ def test_failover_converts_at_the_other_member(make_solo, pki: PKI) -> None:
     assert second.server.seats.get(lease.lease_id).client_id == "app-1"
     n.advance(3 * lease.ttl)
     assert lease.alive
+    c.close()
+    n.flush()
+
+
+def test_failover_from_a_frozen_leader_whose_connections_hang(make_solo, pki: PKI) -> None:
+    """A frozen member (SIGSTOP) that was the leader: the client's new connections to
+    it hang and are cancelled, and the lease is still converted at the other member.
+
+    Regression (integration test of a frozen leader): the cancelled connection
+    attempt failed with ConnectingCancelledError, which was not a failover
+    error, so Locate gave up at the frozen leader on every round and the
+    lease was never claimed elsewhere.
+    """
+    first = make_solo(name="ls1")
+    second = make_solo(name="ls2")
+    n = Network(first.clock, pki)
+    n.add("ls1", first.server)
+    n.add("ls2", second.server, pki.ls2_cert, pki.ls2_key)
+    c = LicenseClient(n.clock, {"ls1": n.endpoint("ls1"), "ls2": n.endpoint("ls2")},
+                      client_id="app-1", home="ls1")
+    lease = n.run(c.checkout("cad-pro"))
+    assert lease.server == "ls1"
+    c.leader = "ls1"
+    n.freeze("ls1")
+    n.advance(lease.heartbeat + 3 * c.request_timeout + 1)
+    assert lease.alive and lease.server == "ls2" and lease.converted == 1
     c.close()
     n.flush()
 
