@@ -602,6 +602,24 @@ def test_preference_waits_until_the_new_leader_has_led_for_the_delay() -> None:
     assert pool.leader().name == "b"
 
 
+def test_a_held_handover_waits_until_the_hold_is_released() -> None:
+    """While ``hold_handover`` says true (the pool keeps reclaimed seats for a failed
+    member's clients' claims) the leader does not hand over; afterwards it does."""
+    pool = Pool(preference={"a": 1, "b": 2, "c": 3}, start=["b", "c"])
+    pool.elect()
+    pool.run(3)
+    leader = pool.leader()
+    assert leader.name == "b"
+    holding = [True]
+    leader.hold_handover = lambda: holding[0]
+    pool.start("a")
+    pool.run(6)
+    assert pool.leader() is leader
+    holding[0] = False
+    pool.run(3)
+    assert pool.leader().name == "a"
+
+
 # -- the clock readings fencing uses ---------------------------------------------------
 
 

@@ -135,6 +135,10 @@ class RaftNode:
         self._state_machine = state_machine
         self._timings = timings
         self._preference = dict(preference) if preference else None
+        self.hold_handover: Callable[[], bool] = lambda: False
+        """While this says true, a leader keeps leadership from a preferred member:
+        the pool holds it while seats reclaimed from a failed member wait for its
+        clients' claims, which a new leader would make wait for another reclaim."""
 
         self.role = FOLLOWER
         self.term = 0
@@ -900,6 +904,8 @@ class RaftNode:
             return
         self._schedule("preference", self._timings.election_timeout, self._preference_tick)
         if self._clock.seconds() - self._leader_since < self._timings.preference_delay:
+            return
+        if self.hold_handover():
             return
         target = self._preferred_successor()
         if target is None or self._transfer is not None:

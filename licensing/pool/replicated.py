@@ -99,6 +99,7 @@ class ReplicatedPool:
             preference=preference,
         )
         self.node.add_role_observer(self._role_changed)
+        self.node.hold_handover = self._keeping_for_claims
         self.notes: dict[str, tuple[float, MemberNote]] = {}
         self._heard: dict[str, float] = {}
         self.offers: dict[int, bytes] = {}
@@ -125,6 +126,8 @@ class ReplicatedPool:
         self._moved_away: set[str] = set()
         """Leases held here that an applied entry gave to another member."""
         self._kept: dict[str, list[tuple[int, float]]] = {}
+        self._claims: dict[str, dict[str, float]] = {}
+        """Leader: feature -> lease id -> when a claim for it last had to wait for seats."""
         self._to_keep: dict[str, list[tuple[int, float]]] = {}
         """Leader: seats reclaimed and not yet handed out, to keep once they come here."""
         """Leader: feature -> (seats, until) reclaimed from fenced members, kept for their
@@ -280,19 +283,24 @@ class ReplicatedPool:
         """Reports go out on the status loop; coalescing many changes into one entry."""
 
     def request_seats(self, feature: str, count: int) -> None:
-        """Ask the leader to move seats here; at most one request per feature per heartbeat."""
+        """Ask the leader to move seats here; at most one message per feature per heartbeat.
+
+        The leader asking itself costs nothing, so every request counts: the
+        claims of a failed member's clients arrive in a burst, and each must
+        add to what the leader asks its donors for.
+        """
         leader = self.node.leader
         if leader is None:
+            return
+        if leader == self.name:
+            self._want(self.name, feature, count)
             return
         now = self.clock.seconds()
         key = (feature, leader)
         if now - self._asked.get(key, float("-inf")) < self.timings.peer_heartbeat:
             return
         self._asked[key] = now
-        if leader == self.name:
-            self._want(self.name, feature, count)
-        else:
-            self.network.send(leader, SeatRequest(feature, count))
+        self.network.send(leader, SeatRequest(feature, count))
 
     def retry_after(self, feature: str, lease_id: str | None = None) -> float | None:
         """Leader: when converting a lease of ``feature`` may succeed, or None if it cannot.
@@ -325,10 +333,32 @@ class ReplicatedPool:
             waits.append(self.timings.peer_heartbeat * 2)
         if not waits:
             return None
-        self.request_seats(feature, 1)
+        self.request_seats(feature, self._claim_waiting(feature, lease_id))
         return round(min(waits) + self.timings.peer_heartbeat, 3)
 
+    def _claim_waiting(self, feature: str, lease_id: str | None) -> int:
+        """Leader: how many claims of ``feature`` wait for seats, this one included.
+
+        Asking donors for one seat per round converted one claim per round:
+        a failed member's ten clients, sent back to retry every few seconds,
+        ran out of lease TTL before the last one was served (integration
+        test of a frozen leader, after a hand-over moved the kept seats).
+        """
+        now = self.clock.seconds()
+        window = 3 * self.timings.status_report
+        waiting = self._claims.setdefault(feature, {})
+        waiting[lease_id or f"anonymous-{now}"] = now
+        for key in [k for k, when in waiting.items() if now - when > window]:
+            del waiting[key]
+        return len(waiting)
+
+    def _keeping_for_claims(self) -> bool:
+        """Leader: seats reclaimed from a failed member still wait for its clients' claims."""
+        return any(self._to_keep.values()) or any(
+            self._kept_seats(feature) for feature in list(self._kept))
+
     def lease_adopted(self, lease: Any) -> None:
+        self._claims.get(lease.feature, {}).pop(lease.lease_id, None)
         if self.node.role == "leader":
             held = self.record.leases.get(lease.lease_id)
             source = held["server"] if held else None
