@@ -353,9 +353,22 @@ class ReplicatedPool:
         return len(waiting)
 
     def _keeping_for_claims(self) -> bool:
-        """Leader: seats reclaimed from a failed member still wait for its clients' claims."""
-        return any(self._to_keep.values()) or any(
-            self._kept_seats(feature) for feature in list(self._kept))
+        """Leader: seats reclaimed from a failed member still wait for its clients' claims.
+
+        Only while the record lists leases of a member whose allocation was
+        reclaimed, not for the whole time seats are kept (one lease TTL):
+        a failed member that held no leases must not stop a hand-over.
+        """
+        if any(self._to_keep.values()):
+            return True
+        return any(self._kept_seats(feature) and self._unclaimed(feature)
+                   for feature in list(self._kept))
+
+    def _unclaimed(self, feature: str) -> bool:
+        allocation = self.record.allocation
+        return any(doc["feature"] == feature and doc["server"] != self.name
+                   and allocation(feature, doc["server"]) == 0
+                   for doc in self.record.leases.values())
 
     def lease_adopted(self, lease: Any) -> None:
         self._claims.get(lease.feature, {}).pop(lease.lease_id, None)
