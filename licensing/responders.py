@@ -16,6 +16,7 @@ from twisted.protocols import amp
 
 from . import commands
 from .errors import BadRequest, Busy, LicenseFileError
+from .records import Lease
 from .server import Claim, LicenseServer
 
 log = Logger()
@@ -66,34 +67,43 @@ class ClientLocator(amp.CommandLocator):
 
         return parse_or_refuse
 
-    def _guarded(self, coro: Any) -> Deferred:
+    def _admit(self) -> None:
+        """Count one more request outstanding on this connection, or refuse it with Busy."""
         conn = self.connection
         if conn.outstanding >= MAX_OUTSTANDING:
-            coro.close()
             raise Busy(f"more than {MAX_OUTSTANDING} requests outstanding on one connection")
         conn.outstanding += 1
 
-        def done(result: Any) -> Any:
-            conn.outstanding -= 1
-            return result
+    def _answered(self, result: Any) -> Any:
+        self.connection.outstanding -= 1
+        return result
 
-        return ensureDeferred(coro).addBoth(done)
+    def _guarded(self, coro: Any) -> Deferred:
+        try:
+            self._admit()
+        except Busy:
+            coro.close()
+            raise
+        return ensureDeferred(coro).addBoth(self._answered)
 
     @commands.Checkout.responder
     def checkout(self, feature, version, client_id, user, host, count):
-        async def run() -> dict:
-            lease = await self.server.checkout(feature, version, client_id, user, host, count)
-            # Not the license's feature: a license installed while the lease was
-            # being stored may no longer have it. The lease carries its own TTL.
-            ttl = lease.expires_at - lease.issued_at
-            return {
-                "lease_id": lease.lease_id,
-                "server": lease.server,
-                "ttl": ttl,
-                "heartbeat": min(self.server.client_heartbeat, ttl / 3),
-            }
+        # Callbacks on the store's own Deferred, no coroutine: the hot path.
+        self._admit()
+        issued = self.server.checkout(feature, version, client_id, user, host, count)
+        return issued.addCallbacks(self._checkout_answer, self._answered)
 
-        return self._guarded(run())
+    def _checkout_answer(self, lease: Lease) -> dict[str, Any]:
+        self.connection.outstanding -= 1
+        # Not the license's feature: a license installed while the lease was
+        # being stored may no longer have it. The lease carries its own TTL.
+        ttl = lease.expires_at - lease.issued_at
+        return {
+            "lease_id": lease.lease_id,
+            "server": lease.server,
+            "ttl": ttl,
+            "heartbeat": min(self.server.client_heartbeat, ttl / 3),
+        }
 
     @commands.Heartbeat.responder
     def heartbeat(self, client_id, leases, claims=None):

@@ -15,7 +15,7 @@ from dataclasses import asdict, replace
 from collections.abc import Sequence
 from typing import Any
 
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -47,8 +47,17 @@ MAX_LEASES_PER_CALL = 2000
 EXPIRE_PER_SWEEP = 2000
 """Leases freed per one-second sweep at most, so a mass expiry never stalls the
 reactor for long; the rest go in the next sweeps (later, which is the safe side)."""
-_FEATURE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
-_LEASE_RE = re.compile(r"^[0-9a-f]{32}$")
+MAX_VERSION = 32
+MAX_JUDGED = 1024
+"""Feature judgments cached per (name, requested version) at most; versions come
+from the network, so a client cycling through them only empties the cache."""
+DAY = 86_400.0
+# Whole-string matches: one C call checks both the length and the characters
+# (``match`` with ``$`` would also let a trailing newline through).
+_FEATURE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}").fullmatch
+_LEASE_RE = re.compile(r"[0-9a-f]{32}").fullmatch
+_TEXT_RE = re.compile(rf"[^\t\n\r\0]{{0,{MAX_TEXT}}}").fullmatch
+_VERSION_RE = re.compile(rf"[^\t\n\r\0]{{0,{MAX_VERSION}}}").fullmatch
 
 Claim = tuple[str, str, str, int, str, str]
 """A client's description of a lease it holds: id, feature, version, count, user, host."""
@@ -62,16 +71,30 @@ def _text(name: str, value: str, limit: int = MAX_TEXT) -> str:
 
 def check_lease_id(lease_id: str) -> str:
     """Lease ids are 32 lowercase hex digits; anything else is a bad request."""
-    if not isinstance(lease_id, str) or not _LEASE_RE.match(lease_id):
-        raise BadRequest(f"lease id {lease_id[:40]!r} is not 32 lowercase hex digits")
+    if not isinstance(lease_id, str) or not _LEASE_RE(lease_id):
+        raise BadRequest(f"lease id {str(lease_id)[:40]!r} is not 32 lowercase hex digits")
     return lease_id
 
 
 def check_checkout(feature: str, version: str, client_id: str, user: str, host: str, count: int) -> None:
-    """Validate a checkout's arguments before anything is looked up or reserved."""
-    if not isinstance(feature, str) or not _FEATURE_RE.match(feature):
-        raise BadRequest(f"feature {feature[:80]!r} is not a valid feature name")
-    _text("version", version, 32)
+    """Validate a checkout's arguments before anything is looked up or reserved.
+
+    On the hot path of every checkout: the usual, valid request costs one
+    precompiled whole-string match per argument; only a refused one pays for
+    finding out which rule it broke.
+    """
+    if (
+        type(feature) is str and _FEATURE_RE(feature)
+        and type(version) is str and _VERSION_RE(version)
+        and type(client_id) is str and client_id and _TEXT_RE(client_id)
+        and type(user) is str and _TEXT_RE(user)
+        and type(host) is str and _TEXT_RE(host)
+        and type(count) is int and 1 <= count <= MAX_COUNT
+    ):
+        return
+    if not isinstance(feature, str) or not _FEATURE_RE(feature):
+        raise BadRequest(f"feature {str(feature)[:80]!r} is not a valid feature name")
+    _text("version", version, MAX_VERSION)
     _text("client_id", client_id)
     if not client_id:
         raise BadRequest("client_id must not be empty")
@@ -106,6 +129,11 @@ class LicenseServer:
         self._restarted_at: float | None = None
         self._grace: float | None = None
         self.stored_sequence = 0
+        self._day = datetime.date.min
+        self._day_start = self._day_end = 0.0
+        self._judged: dict[tuple[str, str | None], Feature] = {}
+        self._judged_license: License | None = None
+        self._judged_day = datetime.date.min
         self._sweeper = LoopingCall(self.expire_leases)
         self._sweeper.clock = clock
 
@@ -194,7 +222,14 @@ class LicenseServer:
         return max((f.lease_ttl for f in self.license.features.values()), default=0.0)
 
     def today(self) -> datetime.date:
-        return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.UTC).date()
+        """The UTC date now; worked out again only when the clock leaves the day it is cached for."""
+        now = self.clock.seconds()
+        if not self._day_start <= now < self._day_end:
+            day = datetime.datetime.fromtimestamp(now, datetime.UTC).date()
+            self._day = day
+            self._day_start = datetime.datetime(day.year, day.month, day.day, tzinfo=datetime.UTC).timestamp()
+            self._day_end = self._day_start + DAY
+        return self._day
 
     def verify(self, data: bytes) -> License:
         """Check a signed license file against the vendor key, expiry included."""
@@ -213,23 +248,48 @@ class LicenseServer:
     # -- requests ---------------------------------------------------------
 
     def _serving_feature(self, name: str, version: str | None) -> Feature:
+        """The feature a request for ``name`` at ``version`` may use now, or raise why not.
+
+        What the license says (feature, version, expiry) only changes with the
+        license or the date, so a judgment that passed is kept for both; the
+        pool's say (quorum) is asked every time.
+        """
         if not self.serving or self.pool is None:
             raise NotServing(f"server {self.name} is starting up; retry shortly")
-        if self.license is None:
+        lic = self.license
+        if lic is None:
             raise NotServing(f"server {self.name} has no license installed")
-        feature = self.license.feature(name)
+        today = self.today()
+        if self._judged_license is not lic or self._judged_day != today:
+            self._judged = {}
+            self._judged_license = lic
+            self._judged_day = today
+        key = (name, version)
+        feature = self._judged.get(key)
+        if feature is None:
+            feature = self._judge_feature(lic, name, version, today)
+            if len(self._judged) >= MAX_JUDGED:
+                self._judged.clear()
+            self._judged[key] = feature
+        self.pool.check_issue(feature)
+        return feature
+
+    @staticmethod
+    def _judge_feature(lic: License, name: str, version: str | None, today: datetime.date) -> Feature:
+        feature = lic.feature(name)
         if feature is None:
             raise UnknownFeature(f"the license has no feature {name!r}")
         if version and not feature.version_satisfies(version):
             raise UnknownFeature(
                 f"feature {name!r} is licensed up to version {feature.version}, not {version!r}"
             )
-        if feature.expired(self.today()):
+        if feature.expired(today):
             raise LicenseExpired(f"feature {name!r} expired on {feature.expires}")
-        self.pool.check_issue(feature)
         return feature
 
     def _check_may_issue(self) -> None:
+        if self._restarted_at is None:
+            return
         wait = self.issue_after - self.clock.seconds()
         if wait > 0:
             raise NotServing(
@@ -240,41 +300,52 @@ class LicenseServer:
     def new_lease_id(self) -> str:
         return f"{self.rng.getrandbits(128):032x}"
 
-    async def checkout(
+    def checkout(
         self, feature: str, version: str, client_id: str, user: str, host: str, count: int = 1
-    ) -> Lease:
-        """Issue ``count`` seats from this server's allocation; durable before it returns."""
-        check_checkout(feature, version, client_id, user, host, count)
-        f = self._serving_feature(feature, version)
-        self._check_may_issue()
-        now = self.clock.seconds()
-        lease = Lease(
-            lease_id=self.new_lease_id(),
-            feature=feature,
-            version=version or f.version,
-            client_id=client_id,
-            user=user,
-            host=host,
-            count=count,
-            server=self.name,
-            issued_at=now,
-            expires_at=now + f.lease_ttl,
-        )
-        await self._issue(lease)
+    ) -> Deferred[Lease]:
+        """Issue ``count`` seats from this server's allocation; fires once the lease is durable.
+
+        Plain Deferred callbacks rather than a coroutine: this is the path
+        every checkout takes, and each coroutine layer costs a Deferred and a
+        resumption per call. Every refusal arrives as a failed Deferred.
+        """
+        try:
+            check_checkout(feature, version, client_id, user, host, count)
+            f = self._serving_feature(feature, version)
+            self._check_may_issue()
+            now = self.clock.seconds()
+            lease = Lease(self.new_lease_id(), feature, version or f.version, client_id, user, host,
+                          count, self.name, now, now + f.lease_ttl)
+            return self._issue(lease)
+        except Exception:
+            return fail()
+
+    def _issue(self, lease: Lease) -> Deferred[Lease]:
+        """Reserve the lease's seats (NoSeats is raised at once), then store it.
+
+        The Deferred fires with the lease once it is durable, or fails with
+        NotServing, the seats given back, if the store cannot write it.
+        """
+        assert self.pool is not None
+        seats = self.seats
+        if seats.allocation(lease.feature) < seats.used(lease.feature) + lease.count:
+            self.pool.request_seats(lease.feature, lease.count)
+        seats.reserve(lease)
+        stored = self.store.put_leases([lease])
+        stored.addCallbacks(self._stored, self._not_stored, callbackArgs=(lease,), errbackArgs=(lease,))
+        return stored
+
+    def _stored(self, _: object, lease: Lease) -> Lease:
+        assert self.pool is not None
+        self.pool.leases_changed()
         return lease
 
-    async def _issue(self, lease: Lease) -> None:
-        assert self.pool is not None
-        if self.seats.allocation(lease.feature) < self.seats.used(lease.feature) + lease.count:
-            self.pool.request_seats(lease.feature, lease.count)
-        self.seats.reserve(lease)
-        try:
-            await self.store.put_leases([lease])
-        except StoreError as e:
-            self.seats.release(lease.lease_id)
-            log.error("lease not stored, seat given back: {error}", error=str(e))
-            raise NotServing(f"server {self.name} cannot write its store; try another server")
-        self.pool.leases_changed()
+    def _not_stored(self, failure: Failure, lease: Lease) -> Failure:
+        if not failure.check(StoreError):
+            return failure
+        self.seats.release(lease.lease_id)
+        log.error("lease not stored, seat given back: {error}", error=str(failure.value))
+        raise NotServing(f"server {self.name} cannot write its store; try another server")
 
     def heartbeat_interval(self, feature: Feature) -> float:
         return min(self.client_heartbeat, feature.lease_ttl / 3)

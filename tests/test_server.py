@@ -265,6 +265,29 @@ def test_expired_feature(solo: Solo) -> None:
         checkout(solo, "viewer")
 
 
+def test_feature_is_refused_from_the_first_second_after_its_expiry_day(solo: Solo) -> None:
+    """The judgment of a feature kept between checkouts ends with the day it was made on."""
+    solo.clock.advance(END_OF_VIEWER - 1 - solo.clock.seconds())
+    checkout(solo, "viewer")
+    checkout(solo, "viewer")
+    solo.clock.advance(1)
+    with pytest.raises(LicenseExpired):
+        checkout(solo, "viewer")
+
+
+def test_a_new_license_is_judged_anew(solo: Solo, make_license) -> None:
+    """A feature served before is refused at once by a license that dropped it or lowered its version."""
+    checkout(solo, "viewer", version="1.0")
+    checkout(solo, "cad-pro", version="2.0")
+    features = {k: v for k, v in FEATURES.items() if k != "viewer"}
+    features["cad-pro"] = {**FEATURES["cad-pro"], "version": "1.0"}
+    assert resolve(solo.pool.offer_license(make_license(2, features))) == 2
+    with pytest.raises(UnknownFeature, match="no feature 'viewer'"):
+        checkout(solo, "viewer", version="1.0")
+    with pytest.raises(UnknownFeature, match="up to version 1.0"):
+        checkout(solo, "cad-pro", version="2.0")
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -280,6 +303,8 @@ def test_expired_feature(solo: Solo) -> None:
         ("cad-pro", "", "c", "u", "h", 0),
         ("cad-pro", "", "c", "u", "h", -1),
         ("cad-pro", "", "c", "u", "h", MAX_COUNT + 1),
+        ("cad-pro\n", "", "c", "u", "h", 1),
+        ("cad-pro", "", "c", "u", "h", "1"),
     ],
 )
 def test_checkout_bad_arguments(solo: Solo, args) -> None:
@@ -313,8 +338,7 @@ def test_concurrent_checkouts_never_exceed_the_count(make_solo, logged_errors) -
     store = FlakyStore()
     s = make_solo(store=store)
     store.hold_puts = True
-    attempts = [Deferred.fromCoroutine(s.server.checkout("cad-pro", "", f"c{n}", "u", "h", 1))
-                for n in range(10)]
+    attempts = [s.server.checkout("cad-pro", "", f"c{n}", "u", "h", 1) for n in range(10)]
     outcomes: list = []
     for d in attempts:
         d.addBoth(outcomes.append)
