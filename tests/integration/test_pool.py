@@ -546,7 +546,8 @@ async def test_leader_kill_keeps_every_lease(pool, fleet) -> None:
     killed_at = reactor.seconds()
     await in_thread(p.box.kill, leader)
     took = await eventually("every lease renewed or converted after the leader kill",
-                            lambda: f.settled_since(killed_at, leader), SETTLE)
+                            lambda: f.settled_since(killed_at, leader), SETTLE,
+                            explain=lambda: f.unsettled(killed_at, leader))
     assert not f.lost, f.lost
     converted = sum(1 for lease in f.leases if lease.converted)
     print(f"\nleader kill: all {COUNT} leases renewed or converted after {took:.2f} s "
@@ -574,7 +575,8 @@ async def test_follower_kill_keeps_every_lease(pool, fleet) -> None:
     killed_at = reactor.seconds()
     await in_thread(p.box.kill, victim)
     took = await eventually("every lease renewed or converted after the follower kill",
-                            lambda: f.settled_since(killed_at, victim), SETTLE)
+                            lambda: f.settled_since(killed_at, victim), SETTLE,
+                            explain=lambda: f.unsettled(killed_at, victim))
     assert not f.lost, f.lost
     print(f"\nfollower kill: all {COUNT} leases renewed or converted after {took:.2f} s")
     assert (await in_thread(p.box.status, leader))["leader"] == leader
