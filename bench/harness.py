@@ -74,6 +74,109 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def open_files_limit(pid: int) -> int:
+    """The soft limit on open files of a process (``Max open files`` in /proc/PID/limits)."""
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                value = line.split()[3]
+                return 1 << 62 if value == "unlimited" else int(value)
+    raise RuntimeError(f"no open files limit for pid {pid}")
+
+
+def raise_open_files(pid: int, needed: int) -> int:
+    """Raise a running process's soft open-files limit to its hard limit if it is below ``needed``.
+
+    Children inherit the bench's limits; a member that has to hold 10,000
+    client connections needs more than the usual 1,024. Returns the soft
+    limit in force afterwards (still below ``needed`` if the hard limit is).
+    """
+    import resource
+
+    soft = open_files_limit(pid)
+    if soft < needed:
+        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        target = hard if hard == resource.RLIM_INFINITY else max(soft, hard)
+        if target == resource.RLIM_INFINITY:
+            target = needed
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (target, hard))
+        soft = open_files_limit(pid)
+    return soft
+
+
+def listen_overflows() -> dict[str, int]:
+    """The kernel's counts of connections a full accept queue turned away (``TcpExt``, machine-wide).
+
+    A listener's accept queue holds at most its backlog; connections beyond
+    it are dropped and the client retries its SYN one, three, seven seconds
+    later, which shows up as slow handshakes in a connection storm.
+    """
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], (int(v) for v in values.split()[1:]), strict=False))
+            return {k: table.get(k, 0) for k in ("ListenOverflows", "ListenDrops")}
+    return {}
+
+
+@dataclass
+class Snapshot:
+    """Counters of the servers, the load generators and the machine at one moment."""
+
+    wall: float
+    server_cpu: list[float]
+    server_rss: list[int]
+    gen_cpu: float
+    busy: float
+    overflows: dict[str, int]
+
+    @classmethod
+    def take(cls, servers: list[int], generators: list[int]) -> Snapshot:
+        return cls(
+            time.monotonic(),
+            [cpu_seconds(pid) for pid in servers],
+            [rss_bytes(pid) for pid in servers],
+            sum(cpu_seconds(pid) for pid in generators),
+            system_busy_seconds(),
+            listen_overflows(),
+        )
+
+
+def window(name: str, start: Snapshot, end: Snapshot, items: int = 0, **extra: Any) -> dict[str, Any]:
+    """A phase between two snapshots, in the shape ``Bench.load`` gives its phases.
+
+    Scenarios that drive their own client processes (``connload.py``) record
+    their windows with this and add them to ``Bench.runs``, so results.json
+    says how busy the rest of the machine was for them too.
+    """
+    seconds = end.wall - start.wall
+    cpu_by = [b - a for a, b in zip(start.server_cpu, end.server_cpu, strict=True)]
+    cpu = sum(cpu_by)
+    gen = end.gen_cpu - start.gen_cpu
+    others = (end.busy - start.busy) - cpu - gen
+    return {
+        "name": name,
+        "seconds": seconds,
+        "items": items,
+        "server_cpu_s": cpu,
+        "server_cpu_s_by_target": cpu_by,
+        "server_cpu_util": cpu / seconds if seconds > 0 else 0.0,
+        "server_cpu_us_per_item": cpu / items * 1e6 if items else None,
+        "server_rss_start": sum(start.server_rss),
+        "server_rss_end": sum(end.server_rss),
+        "server_rss_start_by_target": start.server_rss,
+        "server_rss_end_by_target": end.server_rss,
+        "loadgen_cpu": gen / seconds if seconds > 0 else 0.0,
+        "other_cpu_util": max(0.0, others) / seconds if seconds > 0 else 0.0,
+        "listen_overflows": {k: end.overflows.get(k, 0) - v for k, v in start.overflows.items()},
+        **extra,
+    }
+
+
 @dataclass
 class Target:
     """Something a load generator can dial: a member or the baseline server."""
@@ -103,6 +206,7 @@ class Settings:
     memory_leases: int = 100_000
     memory_clients: int = 10_000
     memory_shape: tuple[int, int] = (20, 8)
+    pool_checkout_shapes: tuple[tuple[int, int], ...] = ((1, 1), (3, 1), (50, 4))
     feature_count: int = 1_000_000
     lease_ttl: int = 3600
     store: str = "sqlite"
@@ -129,6 +233,8 @@ class Bench:
     _procs: list[subprocess.Popen] = field(default_factory=list)
     _baseline: Target | None = None
     _member: Target | None = None
+    baseline_phases: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Baseline phases measured in this run, by load shape and plan, for reuse under the same load."""
     profiles: list[dict[str, Any]] = field(default_factory=list)
     runs: list[dict[str, Any]] = field(default_factory=list)
     scenario: str = ""
@@ -160,16 +266,34 @@ class Bench:
             os.environ.update(saved)
         return Target("member", box.ports[name]["client"], proc.pid, box.root / "pki", name, box)
 
-    def start_pool(self, box: Sandbox, timeout: float = 30.0) -> list[Target]:
+    def start_pool(self, box: Sandbox, timeout: float = 30.0, acting: str | None = None) -> list[Target]:
         """Start every member of ``box`` at once, then wait until each serves.
 
         Members of a pool serve only once a majority is up, so they cannot be
-        started one at a time with a wait in between.
+        started one at a time with a wait in between. With ``acting`` (a
+        feature name) it also waits until every member acts on that feature:
+        a member serves before its allocation lease is first confirmed, and
+        answers NoQuorum until then.
         """
         targets = [self.start_member(box, name, wait=False) for name in box.members]
         for name in box.members:
             box.wait_serving(name, timeout)
+        if acting is not None:
+            self.wait_acting(box, acting, timeout)
         return targets
+
+    def wait_acting(self, box: Sandbox, feature: str, timeout: float = 30.0) -> None:
+        """Wait until every member of ``box`` says it acts on ``feature`` (its status's ``acting``)."""
+        deadline = time.monotonic() + timeout
+        pending = list(box.members)
+        while pending:
+            doc = box.status(pending[0], timeout=2.0)
+            if doc is not None and any(f["name"] == feature and f["acting"] for f in doc["features"]):
+                pending.pop(0)
+                continue
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{pending[0]} does not act on {feature} within {timeout} s")
+            time.sleep(0.05)
 
     def member(self) -> Target:
         """The shared single member (started on first use)."""
@@ -180,26 +304,47 @@ class Bench:
     def baseline(self) -> Target:
         """The bare AMP server, with the shared member's certificate and CA."""
         if self._baseline is None:
-            pki = self.member().pki
-            proc = self._spawn(
-                [
-                    sys.executable,
-                    str(BENCH / "baseline_server.py"),
-                    "--ca",
-                    str(pki / "ca.pem"),
-                    "--cert",
-                    str(pki / "ls1.pem"),
-                    "--key",
-                    str(pki / "ls1.key"),
-                ],
-                stdout=subprocess.PIPE,
-            )
-            line = proc.stdout.readline() if proc.stdout else ""
-            if not line:
-                raise RuntimeError("the baseline server exited before listening")
-            info = json.loads(line)
-            self._baseline = Target("baseline", info["port"], proc.pid, pki)
+            self._baseline = self.start_baseline(self.member().pki)
         return self._baseline
+
+    def start_baseline(self, pki: Path, port: int = 0) -> Target:
+        """A new bare AMP server with ``pki``'s ls1 certificate, on ``port`` (0: any), once it listens.
+
+        The shared one is ``baseline()``; a scenario that kills its baseline
+        (the reconnection storm) starts its own, and again on the same port.
+        """
+        proc = self._spawn(
+            [
+                sys.executable,
+                str(BENCH / "baseline_server.py"),
+                "--ca",
+                str(pki / "ca.pem"),
+                "--cert",
+                str(pki / "ls1.pem"),
+                "--key",
+                str(pki / "ls1.key"),
+                "--port",
+                str(port),
+            ],
+            stdout=subprocess.PIPE,
+        )
+        line = proc.stdout.readline() if proc.stdout else ""
+        if not line:
+            raise RuntimeError("the baseline server exited before listening")
+        info = json.loads(line)
+        return Target("baseline", info["port"], proc.pid, pki)
+
+    def kill(self, pid: int) -> None:
+        """SIGKILL a process this run started (``kill -9``) and reap it."""
+        for proc in self._procs:
+            if proc.pid == pid:
+                _killpg(proc)
+                return
+        raise KeyError(f"no process {pid} started by this run")
+
+    def spawn(self, argv: list[str], **kwargs: Any) -> subprocess.Popen:
+        """Start a helper process in its own session; it is killed in ``close()``."""
+        return self._spawn(argv, **kwargs)
 
     def _spawn(self, argv: list[str], **kwargs: Any) -> subprocess.Popen:
         kwargs.setdefault("stdin", subprocess.DEVNULL)
@@ -226,10 +371,13 @@ class Bench:
         With several targets (members of a pool) the connections are spread
         over them round robin. Each recorded phase gains ``server_cpu_s``
         (summed over the targets), ``server_cpu_util``, ``server_cpu_us_per_item``,
-        ``server_rss_start``/``server_rss_end`` (bytes, summed) and
+        ``server_rss_start``/``server_rss_end`` (bytes, summed), the same per
+        target (``server_cpu_s_by_target``, ``server_rss_start_by_target``,
+        ``server_rss_end_by_target``, in the order of ``targets``) and
         ``other_cpu_util`` (cores used meanwhile by other processes on the
         machine), taken from /proc at the window's edges. ``profile`` names a phase to sample
-        with py-spy (if installed) while its window is open.
+        with py-spy (if installed) while its window is open. A plan's
+        ``await`` phase calls ``on_event`` and goes on once it returns.
         """
         group = [targets] if isinstance(targets, Target) else list(targets)
         pki = group[0].pki
@@ -258,10 +406,10 @@ class Bench:
             json.dumps(plan),
         ]
         stderr = tempfile.TemporaryFile(mode="w+")
-        proc = self._spawn(argv, stdout=subprocess.PIPE, stderr=stderr)
+        proc = self._spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
         timer = threading.Timer(self.settings.loadgen_timeout, _killpg, (proc,))
         timer.start()
-        samples: dict[str, dict[str, float]] = {}
+        samples: dict[str, dict[str, Any]] = {}
         spies: list[subprocess.Popen] = []
         result: dict[str, Any] | None = None
         try:
@@ -272,10 +420,14 @@ class Bench:
                 if kind in ("window-start", "window-end"):
                     edge = "start" if kind == "window-start" else "end"
                     s = samples.setdefault(event["phase"], {})
-                    s[f"cpu_{edge}"] = sum(cpu_seconds(t.pid) for t in group)
+                    by_target = [cpu_seconds(t.pid) for t in group]
+                    rss_by_target = [rss_bytes(t.pid) for t in group]
+                    s[f"cpu_{edge}"] = sum(by_target)
                     s[f"gen_{edge}"] = cpu_seconds(proc.pid)
                     s[f"busy_{edge}"] = system_busy_seconds()
-                    s[f"rss_{edge}"] = sum(rss_bytes(t.pid) for t in group)
+                    s[f"rss_{edge}"] = sum(rss_by_target)
+                    s[f"cpu_by_{edge}"] = by_target
+                    s[f"rss_by_{edge}"] = rss_by_target
                     s[f"wall_{edge}"] = time.monotonic()
                     if profile == event["phase"] and edge == "start":
                         shape = f"{connections}x{outstanding}"
@@ -289,6 +441,9 @@ class Bench:
                     result = event
                 if on_event is not None:
                     on_event(event)
+                if kind == "await" and proc.stdin is not None:
+                    proc.stdin.write("go\n")
+                    proc.stdin.flush()
             proc.wait()
         except BaseException:
             stderr.close()
@@ -310,6 +465,10 @@ class Bench:
                 phase["server_cpu_us_per_item"] = cpu / phase["items"] * 1e6 if phase["items"] else None
                 phase["server_rss_start"] = s["rss_start"]
                 phase["server_rss_end"] = s["rss_end"]
+                start_by, end_by = s["cpu_by_start"], s["cpu_by_end"]
+                phase["server_cpu_s_by_target"] = [b - a for a, b in zip(start_by, end_by, strict=True)]
+                phase["server_rss_start_by_target"] = s["rss_by_start"]
+                phase["server_rss_end_by_target"] = s["rss_by_end"]
                 # Whatever else ran on the machine meanwhile (other processes
                 # take cores from both sides and skew every figure).
                 others = (s["busy_end"] - s["busy_start"]) - cpu - (s["gen_end"] - s["gen_start"])

@@ -17,10 +17,26 @@ of thousands of clients.
 Phases (JSON objects in ``--plan``):
 
 - ``{"op": "checkout", "duration": 3, "warmup": 0.5}``, ``{"op": "checkout", "count": N}``
-  or ``{"op": "checkout", "per_client": 100}``;
+  or ``{"op": "checkout", "per_client": 100}``; with ``"retry": true`` a checkout
+  refused with NoQuorum, NotServing or Busy is tried again 50 ms later (and
+  still counted in ``errors``), so a count is reached on a busy pool;
 - ``{"op": "heartbeat", "duration": 3, "leases_per_call": 100}`` or ``{"op": "heartbeat", "rounds": 1}``;
+- ``{"op": "heartbeat", "paced": true, "duration": 20}``: every logical client
+  heartbeats all its leases (``leases_per_call`` at most a call) once per
+  ``interval`` (default: the interval the server advised in its Checkout
+  answers), the clients' turns spread evenly over the interval, as a fleet
+  of independent clients would; a client whose previous heartbeat has not
+  come back skips its turn (counted as ``missed``);
 - ``{"op": "checkin"}``: every lease held, one call each;
+- ``{"op": "fabricate", "per_client": 10}``: make up lease ids without a call
+  (for the baseline, which renews any id), so a heartbeat phase has the same
+  payload as against a member holding real leases;
+- ``{"op": "await"}``: print ``{"event": "await"}`` and wait for a line on
+  stdin (the harness waits for something outside, e.g. a pool's record);
 - ``{"op": "pause", "seconds": 1}``.
+
+Every phase also counts calls and items per target (``calls_by_target``,
+``items_by_target``, in ``--port`` order), so a pool's members can be told apart.
 
 Each may carry a ``"name"``. It prints one JSON object a line on stdout:
 ``{"event": "window-start", "phase": name}`` and ``{"event": "window-end", ...}``
@@ -32,8 +48,10 @@ calls, items, errors, rate and latency percentiles.
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import os
+import random
 import resource
 import socket
 import sys
@@ -42,16 +60,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.protocols import amp
 from zope.interface import implementer
 
 from licensing import commands
+from licensing.errors import Busy, NoQuorum, NotServing
 from licensing.tls import client_tls_options
 
 CALL_TIMEOUT = 30.0
+RETRY_DELAY = 0.05
+"""Seconds before a checkout refused with NoQuorum, NotServing or Busy is tried again (``retry``)."""
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -86,9 +107,12 @@ def emit(doc: dict[str, Any]) -> None:
 class Phase:
     """One recorded run of one operation: its window, latencies and errors."""
 
-    def __init__(self, name: str, op: str) -> None:
+    def __init__(self, name: str, op: str, targets: int = 1) -> None:
         self.name = name
         self.op = op
+        self.calls_by_target = [0] * targets
+        self.items_by_target = [0] * targets
+        self.extra: dict[str, Any] = {}
         self.window_start: float | None = None
         self.window_end: float | None = None
         self.latencies: list[float] = []
@@ -113,12 +137,14 @@ class Phase:
         self.cpu_end = cpu_seconds()
         emit({"event": "window-end", "phase": self.name})
 
-    def record(self, started: float, ended: float, items: int) -> None:
+    def record(self, started: float, ended: float, items: int, target: int = 0) -> None:
         ws, we = self.window_start, self.window_end
         if ws is None or started < ws or (we is not None and ended > we):
             return
         self.latencies.append(ended - started)
         self.items += items
+        self.calls_by_target[target] += 1
+        self.items_by_target[target] += items
 
     def fail(self, failure: Any) -> None:
         self.errors[type(failure.value).__name__] += 1
@@ -135,15 +161,20 @@ class Phase:
             "items_per_s": self.items / elapsed if elapsed > 0 else 0.0,
             "errors": dict(self.errors),
             "loadgen_cpu": (self.cpu_end - self.cpu_start) / elapsed if elapsed > 0 else 0.0,
+            "calls_by_target": self.calls_by_target,
+            "items_by_target": self.items_by_target,
             **percentiles(self.latencies),
+            **self.extra,
         }
 
 
 class Worker:
     """One call slot on one connection; owns its logical clients and their leases."""
 
-    def __init__(self, proto: amp.AMP, clients: list[str], feature: str, clock: Any) -> None:
+    def __init__(self, proto: amp.AMP, clients: list[str], feature: str, clock: Any, target: int = 0) -> None:
         self.proto = proto
+        self.target = target
+        self.advised: float | None = None
         self.clients = clients
         self.leases: dict[str, list[str]] = {c: [] for c in clients}
         self.feature = feature
@@ -162,7 +193,10 @@ class Worker:
         d.addTimeout(CALL_TIMEOUT, self.clock)
         return d
 
-    async def checkout(self, phase: Phase, count: int | None) -> None:
+    async def checkout(self, phase: Phase, count: int | None, retry: bool = False) -> None:
+        """Check out ``count`` leases (or until the phase ends); with ``retry``, a
+        refusal that says "not now" (NoQuorum, NotServing, Busy) is counted and tried
+        again after a moment instead of counting towards ``count``."""
         done = 0
         while phase.issuing and (count is None or done < count):
             client = self._client()
@@ -178,14 +212,19 @@ class Worker:
                     count=1,
                 )
             except Exception:
-                phase.fail(_failure())
+                failure = _failure()
+                phase.fail(failure)
                 if self._gone():
                     return
+                if retry and failure.check(NoQuorum, NotServing, Busy):
+                    await task.deferLater(self.clock, RETRY_DELAY, lambda: None)
+                else:
+                    done += 1
                 continue
-            finally:
-                done += 1
-            phase.record(started, time.perf_counter(), 1)
+            done += 1
+            phase.record(started, time.perf_counter(), 1, self.target)
             self.leases[client].append(answer["lease_id"])
+            self.advised = answer["heartbeat"]
 
     def _chunks(self, per_call: int) -> list[tuple[str, list[str]]]:
         out = []
@@ -214,7 +253,7 @@ class Worker:
             renewed = sum(1 for row in answer["statuses"] if row[1] == commands.RENEWED)
             if renewed != len(ids):
                 phase.errors["not-renewed"] += len(ids) - renewed
-            phase.record(started, time.perf_counter(), renewed)
+            phase.record(started, time.perf_counter(), renewed, self.target)
 
     async def checkin(self, phase: Phase) -> None:
         for client in self.clients:
@@ -230,10 +269,114 @@ class Worker:
                     continue
                 if not answer["released"]:
                     phase.errors["not-released"] += 1
-                phase.record(started, time.perf_counter(), 1)
+                phase.record(started, time.perf_counter(), 1, self.target)
+
+    def fabricate(self, per_client: int) -> None:
+        """Made-up lease ids, for a target that renews any id (the baseline)."""
+        for client in self.clients:
+            self.leases[client] += [os.urandom(16).hex() for _ in range(per_client)]
 
     def _gone(self) -> bool:
         return self.proto.transport is None or getattr(self.proto, "_lost", False)
+
+
+class Pacer:
+    """Heartbeats of a fleet of logical clients, each once per interval, turns spread evenly.
+
+    A real fleet does not heartbeat as fast as it can: each client sends one
+    heartbeat (all its leases) per interval the server advised. This sends
+    every client's heartbeat at its own moment of the interval (a shuffled,
+    even spread, mixing the targets), so the server sees the steady load that
+    many leases at the default interval make, and the figures say whether it
+    keeps up: renewals/s achieved against required, and turns missed because
+    the client's previous heartbeat had not come back yet.
+    """
+
+    TICK = 0.01
+
+    def __init__(self, reactor: Any, workers: list[Worker], phase: Phase, per_call: int, interval: float) -> None:
+        self.reactor = reactor
+        self.phase = phase
+        self.interval = interval
+        self.chunks = [(w, client, ids) for w in workers for client, ids in w._chunks(per_call)]
+        random.Random(0).shuffle(self.chunks)
+        n = len(self.chunks)
+        start = time.perf_counter()
+        # Sorted by due time already, hence a valid heap.
+        self.due = [(start + i * interval / n, i) for i in range(n)] if n else []
+        self.busy = [False] * n
+        self.in_flight = 0
+        self.missed = 0
+        self.lags: list[float] = []
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self.loop = task.LoopingCall(self._tick)
+        self.loop.clock = reactor
+        phase.extra.update(
+            interval=interval,
+            paced_clients=n,
+            paced_leases=sum(len(c[2]) for c in self.chunks),
+            required_per_s=sum(len(c[2]) for c in self.chunks) / interval if interval else None,
+        )
+
+    def _in_window(self) -> bool:
+        return self.phase.window_start is not None and self.phase.window_end is None
+
+    def run(self) -> defer.Deferred[None]:
+        if not self.chunks:
+            return defer.succeed(None)
+        self.loop.start(self.TICK)
+        return self.done
+
+    def _tick(self) -> None:
+        if not self.phase.issuing:
+            self.loop.stop()
+            self._finish()
+            return
+        now = time.perf_counter()
+        due = self.due
+        while due and due[0][0] <= now:
+            at, i = heapq.heappop(due)
+            heapq.heappush(due, (at + self.interval, i))
+            if self.busy[i]:
+                if self._in_window():
+                    self.missed += 1
+                continue
+            if self._in_window():
+                self.lags.append(now - at)
+            self._send(i)
+
+    def _send(self, i: int) -> None:
+        worker, client, ids = self.chunks[i]
+        self.busy[i] = True
+        self.in_flight += 1
+        started = time.perf_counter()
+        d = worker._call(commands.Heartbeat, client_id=client, leases=ids)
+
+        def answered(answer: dict[str, Any]) -> None:
+            renewed = sum(1 for row in answer["statuses"] if row[1] == commands.RENEWED)
+            if renewed != len(ids) and self._in_window():
+                self.phase.errors["not-renewed"] += len(ids) - renewed
+            self.phase.record(started, time.perf_counter(), renewed, worker.target)
+
+        def failed(failure: Any) -> None:
+            if self._in_window():
+                self.phase.fail(failure)
+
+        def settled(_: Any) -> None:
+            self.busy[i] = False
+            self.in_flight -= 1
+            if not self.phase.issuing:
+                self._finish()
+
+        d.addCallbacks(answered, failed).addBoth(settled)
+
+    def _finish(self) -> None:
+        if self.in_flight == 0 and not self.done.called:
+            lags = percentiles(self.lags)
+            self.phase.extra.update(
+                missed=self.missed, pace_lag_p99_ms=lags["p99_ms"], pace_lag_max_ms=lags["max_ms"]
+            )
+            self.done.callback(None)
 
 
 @implementer(IHandshakeListener)
@@ -272,7 +415,17 @@ async def run_phase(reactor: Any, workers: list[Worker], spec: dict[str, Any]) -
     if op == "pause":
         await task.deferLater(reactor, float(spec.get("seconds", 1.0)), lambda: None)
         return None
-    phase = Phase(name, op)
+    if op == "fabricate":
+        for w in workers:
+            w.fabricate(int(spec.get("per_client", 1)))
+        return None
+    if op == "await":
+        held = sum(len(v) for w in workers for v in w.leases.values())
+        emit({"event": "await", "phase": name, "leases_held": held})
+        await threads.deferToThread(sys.stdin.readline)
+        return None
+    targets = max(w.target for w in workers) + 1 if workers else 1
+    phase = Phase(name, op, targets)
     duration = spec.get("duration")
     timers = []
     if duration is not None:
@@ -289,6 +442,7 @@ async def run_phase(reactor: Any, workers: list[Worker], spec: dict[str, Any]) -
         timers = [reactor.callLater(warmup, start), reactor.callLater(warmup + float(duration), stop)]
     else:
         phase.open()
+    runs: list[Any]
     if op == "checkout":
         if duration is not None:
             counts: list[int | None] = [None] * len(workers)
@@ -296,7 +450,15 @@ async def run_phase(reactor: Any, workers: list[Worker], spec: dict[str, Any]) -
             counts = [int(spec["per_client"]) * len(w.clients) for w in workers]
         else:
             counts = list(_split(int(spec["count"]), len(workers)))
-        runs = [w.checkout(phase, n) for w, n in zip(workers, counts, strict=True)]
+        retry = bool(spec.get("retry"))
+        runs = [w.checkout(phase, n, retry) for w, n in zip(workers, counts, strict=True)]
+    elif op == "heartbeat" and spec.get("paced"):
+        if duration is None:
+            raise SystemExit("a paced heartbeat phase needs a duration")
+        advised = [w.advised for w in workers if w.advised]
+        interval = float(spec.get("interval") or (max(advised) if advised else 10.0))
+        pacer = Pacer(reactor, workers, phase, int(spec.get("leases_per_call", 2000)), interval)
+        runs = [pacer.run()]
     elif op == "heartbeat":
         per_call = int(spec.get("leases_per_call", 100))
         rounds = None if duration is not None else int(spec.get("rounds", 1))
@@ -305,7 +467,10 @@ async def run_phase(reactor: Any, workers: list[Worker], spec: dict[str, Any]) -
         runs = [w.checkin(phase) for w in workers]
     else:
         raise SystemExit(f"unknown op {op!r}")
-    await defer.gatherResults([defer.Deferred.fromCoroutine(r) for r in runs], consumeErrors=True)
+    await defer.gatherResults(
+        [r if isinstance(r, defer.Deferred) else defer.Deferred.fromCoroutine(r) for r in runs],
+        consumeErrors=True,
+    )
     for timer in timers:
         if timer.active():
             timer.cancel()
@@ -338,7 +503,9 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
     workers = []
     for i in range(n_workers):
         clients = [f"{tag}-{c}" for c in range(i, n_clients, n_workers)]
-        workers.append(Worker(protos[i % len(protos)], clients, args.feature, reactor))
+        # Connection c dialled endpoint c % len(endpoints).
+        workers.append(Worker(protos[i % len(protos)], clients, args.feature, reactor,
+                              (i % len(protos)) % len(endpoints)))
     phases = []
     for spec in plan:
         summary = await run_phase(reactor, workers, spec)
@@ -355,6 +522,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
             "clients": n_clients,
             "connect_seconds": connect_seconds,
             "leases_held": sum(len(v) for w in workers for v in w.leases.values()),
+            "advised_heartbeat": max((w.advised for w in workers if w.advised), default=None),
             "phases": phases,
         }
     )
