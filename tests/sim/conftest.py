@@ -22,6 +22,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="run only this simulation seed (also SIM_SEED)")
     group.addoption("--sim-seeds", type=int, default=None,
                     help="run simulation seeds 0..N-1 (also SIM_SEEDS)")
+    group.addoption("--sim-shard", default=None,
+                    help="K/N: run only the seeds s with s %% N == K, to split a soak over "
+                         "processes (also SIM_SHARD)")
 
 
 def _setting(config: pytest.Config, option: str, variable: str) -> int | None:
@@ -32,6 +35,28 @@ def _setting(config: pytest.Config, option: str, variable: str) -> int | None:
     if value is None and os.environ.get(variable):
         value = int(os.environ[variable])
     return value
+
+
+def shard(config: pytest.Config, seeds: list[int]) -> list[int]:
+    """The seeds of this process's shard (``--sim-shard K/N``); all of them without one.
+
+    pytest-twisted's reactor greenlet does not survive pytest-xdist workers,
+    so a long soak is split over processes by hand, one shard each.
+    """
+    try:
+        value = config.getoption("sim_shard")
+    except ValueError:
+        value = None
+    value = value or os.environ.get("SIM_SHARD")
+    if not value:
+        return seeds
+    try:
+        k, n = (int(part) for part in value.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"--sim-shard/SIM_SHARD must be K/N, not {value!r}") from None
+    if not 0 <= k < n:
+        raise pytest.UsageError(f"--sim-shard {value}: K must be in 0..N-1")
+    return [seed for seed in seeds if seed % n == k]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -49,6 +74,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             return
         count = _setting(config, "sim_seeds", "SIM_SEEDS")
         seeds = list(range(count if count is not None else SOAK_SEEDS if soak else CI_SEEDS))
+        if soak:
+            seeds = shard(config, seeds)
     metafunc.parametrize("sim_seed", seeds, ids=[f"seed{seed}" for seed in seeds])
 
 

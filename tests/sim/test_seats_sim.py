@@ -16,7 +16,7 @@ import random
 import pytest
 
 from .cluster import SimulationFailure
-from .conftest import _setting, _soak_selected
+from .conftest import _setting, _soak_selected, shard
 from .seats import (
     CI,
     CI_ANY,
@@ -60,7 +60,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         elif not _soak_selected(config):
             seeds = [0]  # skipped anyway: one placeholder, not a thousand skips
         else:
-            seeds = list(range(count if count is not None else SOAK_SEEDS))
+            seeds = shard(config, list(range(count if count is not None else SOAK_SEEDS)))
         metafunc.parametrize("seat_soak_seed", seeds, ids=[f"seed{s}" for s in seeds])
 
 
