@@ -5,6 +5,10 @@ answers the license server needs: may I issue seats of this feature now, how
 many are mine, who leads. Followers report their leases to the leader, which
 merges the reports through the log (F3); license files move by sequence
 number through the log too (F9).
+
+This class holds the wiring and the consensus view; the lease reports live
+in :mod:`licensing.pool.reports` and the movement of seats across the pool
+in :mod:`licensing.pool.steward`.
 """
 
 from __future__ import annotations
@@ -13,24 +17,23 @@ import random
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ..errors import (
-    BadRequest,
-    LicensingError,
-    NoQuorum,
-    NotServing,
-    StaleLicense,
-)
+from ..errors import LicensingError, NoQuorum, NotServing, StaleLicense
 from ..interfaces import IPool
 from ..license import License
-from ..records import InstalledLicense, Lease
+from ..records import InstalledLicense
 from . import record as entries
 from .notes import LeaseReport, LicenseOffer, MemberNote, PledgeRequest, ReportAck, SeatRequest
+from .peer_codec import tagged_codec
 from .record import Record
+from .reports import LeaseReports, lease_doc
+from .steward import SeatSteward
+
+__all__ = ["ReplicatedPool", "tagged_codec"]  # licensing.service takes the codec from here
 
 if TYPE_CHECKING:
     from ..config import Address, Timings
@@ -38,32 +41,9 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-MAX_REPORT = 1000
-"""Leases per report entry (about 250 KB): a busy member's first report takes a few entries."""
-
 MAX_ENTRY_BYTES = 1_500_000
 """Largest log entry and AppendEntries batch: a 1 MiB license file in base64 fits; the
 peer transport chunks it into AMP-sized values."""
-
-
-def lease_doc(lease: Lease) -> dict[str, Any]:
-    return {k: getattr(lease, k) for k in entries.LEASE_FIELDS}
-
-
-def _check_lease_doc(doc: Any, server: str) -> dict[str, Any]:
-    if not isinstance(doc, dict):
-        raise BadRequest("a reported lease must be an object")
-    out = {}
-    for key in entries.LEASE_FIELDS:
-        value = doc.get(key)
-        if key == "count":
-            if not isinstance(value, int) or not 1 <= value <= 10_000:
-                raise BadRequest("reported lease count out of range")
-        elif not isinstance(value, str) or len(value) > 256:
-            raise BadRequest(f"reported lease {key} must be short text")
-        out[key] = value
-    out["server"] = server
-    return out
 
 
 @implementer(IPool)
@@ -99,39 +79,33 @@ class ReplicatedPool:
             preference=preference,
         )
         self.node.add_role_observer(self._role_changed)
-        self.node.hold_handover = self._keeping_for_claims
         self.notes: dict[str, tuple[float, MemberNote]] = {}
         self._heard: dict[str, float] = {}
         self.offers: dict[int, bytes] = {}
         self._license_waiters: list[tuple[int, Deferred[int]]] = []
-        self._report_id = 0
-        self._in_flight: LeaseReport | None = None
-        self._in_flight_at = 0.0
+        self.reports = LeaseReports(
+            self.name, self.node, self.record, server.seats, self.network, clock, timings,
+            propose=self._propose,
+        )
+        self.steward = SeatSteward(
+            self.name, list(members), self.node, self.record, server.seats, self.network, clock,
+            timings, notes=self.notes, propose=self._propose, note=self._note,
+            has_quorum=self.has_quorum, fenced_at=self._fenced_at,
+        )
+        self.node.hold_handover = self.steward.keeping_for_claims
         self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
-        self._steward_loop = LoopingCall(self._steward)
+        self._steward_loop = LoopingCall(self.steward.step)
         self._steward_loop.clock = clock
         self._stopped = False
         self.won_at = 0.0
         self._ready_index = 0
-        self.pledges: dict[str, list[int]] = {}
-        self._wanted: dict[str, dict[str, tuple[int, float]]] = {}
-        """Leader: feature -> member -> (seats it asked for, when it last asked)."""
-        self._pending: set[tuple[str, str]] = set()
-        self._asked: dict[tuple[str, str], float] = {}
         self._settled_at = 0
         """The applied index at which the seat table last gave up what the record took away."""
         self._synced = False
         """Caught up with a leader since this start: before, the record may be stale."""
         self._moved_away: set[str] = set()
         """Leases held here that an applied entry gave to another member."""
-        self._kept: dict[str, list[tuple[int, float]]] = {}
-        self._claims: dict[str, dict[str, float]] = {}
-        """Leader: feature -> lease id -> when a claim for it last had to wait for seats."""
-        self._to_keep: dict[str, list[tuple[int, float]]] = {}
-        """Leader: seats reclaimed and not yet handed out, to keep once they come here."""
-        """Leader: feature -> (seats, until) reclaimed from fenced members, kept for their
-        clients' claims (not for new checkouts) until one lease TTL after the reclaim."""
 
     # -- IPool ------------------------------------------------------------------
 
@@ -215,11 +189,11 @@ class ReplicatedPool:
 
     def fenced(self, member: str) -> bool:
         """Leader: ``member`` has surely stopped acting on its allocation by now."""
-        acked = self.node.acked_within(member)
-        ref = self.won_at if acked is None else max(self.won_at, acked)
-        return self.clock.seconds() >= ref + self.reclaim_wait()
+        return self.clock.seconds() >= self._fenced_at(member)
 
     def _fenced_at(self, member: str) -> float:
+        """Leader: when ``member`` is surely fenced, a reclaim wait after the later of
+        this leader's win and the send time of the last message it acknowledged."""
         acked = self.node.acked_within(member)
         ref = self.won_at if acked is None else max(self.won_at, acked)
         return ref + self.reclaim_wait()
@@ -283,95 +257,15 @@ class ReplicatedPool:
         """Reports go out on the status loop; coalescing many changes into one entry."""
 
     def request_seats(self, feature: str, count: int) -> None:
-        """Ask the leader to move seats here; at most one message per feature per heartbeat.
-
-        The leader asking itself costs nothing, so every request counts: the
-        claims of a failed member's clients arrive in a burst, and each must
-        add to what the leader asks its donors for.
-        """
-        leader = self.node.leader
-        if leader is None:
-            return
-        if leader == self.name:
-            self._want(self.name, feature, count)
-            return
-        now = self.clock.seconds()
-        key = (feature, leader)
-        if now - self._asked.get(key, float("-inf")) < self.timings.peer_heartbeat:
-            return
-        self._asked[key] = now
-        self.network.send(leader, SeatRequest(feature, count))
+        """See :meth:`SeatSteward.request_seats`."""
+        self.steward.request_seats(feature, count)
 
     def retry_after(self, feature: str, lease_id: str | None = None) -> float | None:
-        """Leader: when converting a lease of ``feature`` may succeed, or None if it cannot.
-
-        0 means now: a seat kept for claims was just made free for the claim
-        of ``lease_id``, which the server then converts at once.
-        """
-        if self.node.role != "leader" or self.record.license is None:
-            return None
-        f = self.record.license.feature(feature)
-        if f is None:
-            return None
-        if self._may_use_kept(feature, lease_id) and self._release_kept(feature, 1):
-            return 0.0
-        now = self.clock.seconds()
-        waits = []
-        reachable = self.node.reachable(self.timings.election_timeout)
-        for member in self.member_addresses:
-            if member == self.name or self.record.allocation(feature, member) == 0:
-                continue
-            free = self.record.allocation(feature, member) - self.record.used(feature, member)
-            if f.majority_rule and self.fenced(member):
-                waits.append(self.timings.peer_heartbeat * 2)
-            elif f.majority_rule and member not in reachable:
-                waits.append(max(self.timings.peer_heartbeat, self._fenced_at(member) - now))
-            elif member in reachable and free > 0:
-                # Borrowing moves them here, for features without majority rule too.
-                waits.append(1.0)
-        if self.record.unassigned(feature) > 0:
-            waits.append(self.timings.peer_heartbeat * 2)
-        if not waits:
-            return None
-        self.request_seats(feature, self._claim_waiting(feature, lease_id))
-        return round(min(waits) + self.timings.peer_heartbeat, 3)
-
-    def _claim_waiting(self, feature: str, lease_id: str | None) -> int:
-        """Leader: how many claims of ``feature`` wait for seats, this one included.
-
-        Asking donors for one seat per round converted one claim per round:
-        a failed member's ten clients, sent back to retry every few seconds,
-        ran out of lease TTL before the last one was served (integration
-        test of a frozen leader, after a hand-over moved the kept seats).
-        """
-        now = self.clock.seconds()
-        window = 3 * self.timings.status_report
-        waiting = self._claims.setdefault(feature, {})
-        waiting[lease_id or f"anonymous-{now}"] = now
-        for key in [k for k, when in waiting.items() if now - when > window]:
-            del waiting[key]
-        return len(waiting)
-
-    def _keeping_for_claims(self) -> bool:
-        """Leader: seats reclaimed from a failed member still wait for its clients' claims.
-
-        Only while the record lists leases of a member whose allocation was
-        reclaimed, not for the whole time seats are kept (one lease TTL):
-        a failed member that held no leases must not stop a hand-over.
-        """
-        if any(self._to_keep.values()):
-            return True
-        return any(self._kept_seats(feature) and self._unclaimed(feature)
-                   for feature in list(self._kept))
-
-    def _unclaimed(self, feature: str) -> bool:
-        allocation = self.record.allocation
-        return any(doc["feature"] == feature and doc["server"] != self.name
-                   and allocation(feature, doc["server"]) == 0
-                   for doc in self.record.leases.values())
+        """See :meth:`SeatSteward.retry_after`."""
+        return self.steward.retry_after(feature, lease_id)
 
     def lease_adopted(self, lease: Any) -> None:
-        self._claims.get(lease.feature, {}).pop(lease.lease_id, None)
+        self.steward.adopted(lease)
         if self.node.role == "leader":
             held = self.record.leases.get(lease.lease_id)
             source = held["server"] if held else None
@@ -405,7 +299,7 @@ class ReplicatedPool:
                     self._license_waiters.remove((sequence, waiter))
                     waiter.callback(lic.sequence)
         elif kind == entries.ALLOCATION:
-            self._set_allocations()
+            self.steward.set_allocations()
         elif kind == entries.APPLIED:
             self._settle()
         elif kind == entries.ADOPT:
@@ -417,56 +311,6 @@ class ReplicatedPool:
                 self._moved_away.discard(lease_id)
             elif self.server.seats.get(lease_id) is not None:
                 self._moved_away.add(lease_id)
-
-    def _set_allocations(self) -> None:
-        """Make the seat table follow the record, less what this member pledged away
-        and, on the leader, the seats it keeps for claims."""
-        seats = self.server.seats
-        for feature, shares in self.record.allocations.items():
-            mine = shares.get(self.name, 0)
-            pledge = self.pledges.get(feature)
-            if pledge is not None and pledge[0] != mine:
-                del self.pledges[feature]
-                pledge = None
-            seats.set_allocation(feature, mine - (pledge[1] if pledge else 0) - self._kept_seats(feature))
-
-    def _kept_seats(self, feature: str) -> int:
-        kept = self._kept.get(feature)
-        if not kept:
-            return 0
-        now = self.clock.seconds()
-        if any(until <= now for _, until in kept):
-            kept[:] = [(n, until) for n, until in kept if until > now]
-        return sum(n for n, _ in kept)
-
-    def _may_use_kept(self, feature: str, lease_id: str | None) -> bool:
-        """Kept seats are for leases of members whose allocation was reclaimed.
-
-        Also for leases the record never heard of (issued in a member's last
-        moments), but not for one that a member still acting holds: around a
-        change of leader every follower answers NoQuorum for a moment, its
-        clients claim here, and converting them would spend the kept seats
-        on leases that are not lost.
-        """
-        doc = self.record.leases.get(lease_id) if lease_id is not None else None
-        if doc is None:
-            return True
-        holder = doc["server"]
-        return (holder != self.name and self.record.allocation(feature, holder) == 0) \
-            or self.fenced(holder)
-
-    def _release_kept(self, feature: str, count: int) -> bool:
-        """Stop keeping ``count`` seats (for a claim, or a pledge); False if too few are kept."""
-        if self._kept_seats(feature) < count:
-            return False
-        kept = self._kept[feature]
-        while count > 0:
-            n, until = kept.pop(0)
-            if n > count:
-                kept.insert(0, (n - count, until))
-            count -= n
-        self._set_allocations()
-        return True
 
     def _applied(self) -> int:
         # Inside Record.apply the record is one ahead of the node; Raft's own
@@ -527,33 +371,28 @@ class ReplicatedPool:
             if message.name == sender:
                 self.notes[sender] = (self.clock.seconds(), message)
         elif isinstance(message, LeaseReport):
-            self._merge_report(sender, message)
+            self.reports.merge(sender, message)
         elif isinstance(message, ReportAck):
-            self._report_acked(message.report_id)
+            self.reports.acked(message.report_id)
         elif isinstance(message, LicenseOffer):
             self._offered(sender, message.data.encode("latin-1"))
         elif isinstance(message, SeatRequest):
             if self.node.role == "leader" and isinstance(message.count, int) and message.count > 0:
-                self._want(sender, message.feature, min(message.count, 10_000))
+                self.steward.want(sender, message.feature, min(message.count, 10_000))
         elif isinstance(message, PledgeRequest):
             if sender == self.node.leader and isinstance(message.count, int):
-                self._pledge(message.feature, message.count)
+                self.steward.pledge(message.feature, message.count)
         else:
             self.node.receive(sender, message)
 
     def _role_changed(self, role: str, term: int, leader: str | None) -> None:
         log.info("{name} is {role} in term {term} (leader {leader})", name=self.name, role=role,
                  term=term, leader=leader)
-        self._in_flight = None
-        # Seats kept for claims stay kept after a change of leader: new
-        # checkouts here may not take them, and the new leader, where the
-        # claims now go, borrows them first (_pledge).
-        self._to_keep.clear()
+        self.reports.forget_in_flight()
+        self.steward.role_changed(role)
         if role == "leader":
             self.won_at = self.clock.seconds()
             self._ready_index = self.node.last_log_index
-            self._wanted.clear()
-            self._pending.clear()
         if leader is not None:
             self._push_offers()
 
@@ -598,273 +437,11 @@ class ReplicatedPool:
             if peer != self.name:
                 self.network.send(peer, self._note())
         self._push_offers()
-        self._report()
+        self.reports.report()
 
     def _note(self) -> MemberNote:
         # The leader moves seats a shrink freed only once the shrunk member
         # reports it settled past that entry, so the index is the settled one.
         return MemberNote(self.name, self.node.role, self.node.term, self.node.commit_index,
                           self.record.sequence, self._settled_at,
-                          {f: list(p) for f, p in self.pledges.items()})
-
-    # -- seats across the pool: reclaim, pledges, borrowing ------------------------
-
-    def _want(self, member: str, feature: str, count: int) -> None:
-        wanted = self._wanted.setdefault(feature, {})
-        before = self._wants(feature).get(member, 0)
-        wanted[member] = (max(before, count), self.clock.seconds())
-
-    def _wants(self, feature: str) -> dict[str, int]:
-        """Seats reachable members asked for lately.
-
-        A member asks again while its checkouts keep failing; an old request
-        of a member that has since been served otherwise, or cannot be
-        reached, would keep seats moving towards it, away from members that
-        need them now (the leader itself, for claims).
-        """
-        now = self.clock.seconds()
-        window = 3 * self.timings.status_report
-        reachable = self.node.reachable(self.timings.election_timeout)
-        return {m: n for m, (n, when) in (self._wanted.get(feature) or {}).items()
-                if now - when <= window and m in reachable}
-
-    def _pledge(self, feature: str, count: int) -> None:
-        """Stop using ``count`` free seats (giver first), and tell the leader at once.
-
-        Seats kept for claims go first once this member no longer leads: it
-        kept them for claims that now go to another leader.
-        """
-        if self.record.license is None or self.record.license.feature(feature) is None:
-            return
-        seats = self.server.seats
-        kept = self._kept_seats(feature) if self.node.role != "leader" else 0
-        give = min(count, seats.free(feature) + kept)
-        if give <= 0:
-            return
-        if kept:
-            self._release_kept(feature, min(give, kept))
-        base = self.record.allocation(feature, self.name)
-        pledge = self.pledges.setdefault(feature, [base, 0])
-        pledge[1] += give
-        self._set_allocations()
-        leader = self.node.leader
-        if leader is not None and leader != self.name:
-            self.network.send(leader, self._note())
-
-    def _safe(self, member: str, feature: Any) -> bool:
-        """Leader: ``member`` no longer acts on seats of ``feature`` that an entry took from it.
-
-        A fenced member does not act on majority-rule features at all; it
-        may still serve one without majority rule from its old allocation.
-        """
-        note = self.notes.get(member)
-        settled = note[1].last_applied if note else 0
-        if settled >= self.record.shrinks.get(feature.name, {}).get(member, 0):
-            return True
-        return bool(feature.majority_rule) and self.fenced(member)
-
-    def _steward(self) -> None:
-        """Leader, every peer heartbeat: reclaim from fenced members, move pledged and free seats."""
-        lic = self.record.license
-        if self._kept:
-            self._set_allocations()  # kept seats whose time is up become ordinary free seats
-        if self.node.role != "leader" or lic is None or not self.has_quorum():
-            return
-        for feature in lic.features.values():
-            name = feature.name
-            if any(p[0] == name for p in self._pending):
-                continue
-            if feature.majority_rule and self._reclaim(feature):
-                continue
-            self._give_unassigned(feature)
-            self._move_pledges(name)
-            self._ask_donors(name)
-
-    def _reclaim(self, feature: Any) -> bool:
-        """Take the allocation of one fenced member, if any; True if a change was proposed.
-
-        The seats become unassigned, and the next hand-out gives them to
-        this leader, which keeps them for claims only (F8), not for new
-        checkouts, until one lease TTL after the reclaim: the member's
-        clients come here to claim their leases, including those it issued
-        in its last moments, which never reached the record. Given to
-        whichever member asked first, a new checkout there could take them
-        before the dead member's clients came to claim (DESIGN section 11,
-        item 4). Not in the same entry as the shrink: the member may be back
-        by the time that entry commits, with an allocation lease confirmed
-        by a message sent before the commit, and act on its old share.
-        """
-        name = feature.name
-        for member in self.member_addresses:
-            share = self.record.allocation(name, member)
-            if member == self.name or share == 0 or not self.fenced(member):
-                continue
-            log.info("reclaiming {n} seat(s) of {feature} from unreachable {member}, kept for "
-                     "its clients' claims", n=share, feature=name, member=member)
-            self._change(name, {member: 0}, {member: share}).addCallback(
-                lambda index, n=share: index is not None and self._to_keep.setdefault(
-                    name, []).append((n, self.clock.seconds() + feature.lease_ttl)))
-            return True
-        return False
-
-    def _change(self, feature: str, changes: dict[str, int], expect: dict[str, int]) -> Deferred[int]:
-        key = (feature, ",".join(sorted(changes)))
-        self._pending.add(key)
-        d = self._propose(entries.allocation_entry(feature, changes, expect))
-        d.addBoth(lambda result: (self._pending.discard(key), result)[1])
-        return d
-
-    def _receiver(self, feature: str) -> str:
-        """Who gets free seats: the reachable member that asked for most, else this leader."""
-        wanted = self._wants(feature)
-        return max(wanted, key=lambda m: (wanted[m], m)) if wanted else self.name
-
-    def _granted(self, feature: str, member: str, seats: int) -> None:
-        wanted = self._wanted.get(feature, {})
-        if member in wanted:
-            count, when = wanted[member]
-            if count > seats:
-                wanted[member] = (count - seats, when)
-            else:
-                del wanted[member]
-
-    def _give_unassigned(self, feature: Any) -> None:
-        """Hand free seats out, once every member they were taken from has stopped using them.
-
-        Seats reclaimed from a fenced member come to this leader, kept for claims.
-        """
-        name = feature.name
-        free = self.record.unassigned(name)
-        if free <= 0 or not all(self._safe(m, feature) for m in self.member_addresses
-                                if m != self.name):
-            return
-        keep, left = [], free
-        for n, until in self._to_keep.pop(name, []):
-            if until > self.clock.seconds() and left > 0:
-                keep.append((min(n, left), until))
-                left -= min(n, left)
-        to = self.name if keep else self._receiver(name)
-        share = self.record.allocation(name, to)
-        d = self._change(name, {to: share + free}, {to: share})
-        if keep:
-            d.addCallback(lambda index: index is not None and self._keep(name, keep))
-        else:
-            self._granted(name, to, free)
-
-    def _keep(self, feature: str, seats: list[tuple[int, float]]) -> None:
-        if self.node.role == "leader":
-            self._kept.setdefault(feature, []).extend(seats)
-            self._set_allocations()
-
-    def _move_pledges(self, feature: str) -> None:
-        """Shrink a member that offered seats; they go out as unassigned seats once it settled.
-
-        Giver first in two entries, not one: a receiver may apply an entry
-        before the giver does, and a giver that restarted meanwhile has
-        forgotten its offer. An offer counts only if its note was sent after
-        the giver settled the last change of its allocation: an older one
-        may be about an allocation that has since changed and changed back.
-        """
-        changed = self.record.changes.get(feature, {})
-        pledged = {self.name: self.pledges.get(feature)}
-        for member, (_, note) in self.notes.items():
-            if note.last_applied >= changed.get(member, 0):
-                pledged[member] = note.pledges.get(feature)
-        for giver, pledge in pledged.items():
-            if not pledge or pledge[1] <= 0 or self.record.allocation(feature, giver) != pledge[0]:
-                continue
-            base, seats = pledge
-            self._change(feature, {giver: base - seats}, {giver: base})
-            return
-
-    def _ask_donors(self, feature: str) -> None:
-        wanted = self._wants(feature)
-        if not wanted:
-            return
-        now = self.clock.seconds()
-        need = sum(wanted.values())
-        reachable = self.node.reachable(self.timings.election_timeout)
-        donors = sorted(
-            ((self.record.allocation(feature, m) - self.record.used(feature, m), m)
-             for m in self.member_addresses if m not in wanted and m in reachable),
-            reverse=True,
-        )
-        for free, donor in donors:
-            if free <= 0 or need <= 0:
-                break
-            key = (feature, donor)
-            if now - self._asked.get(key, float("-inf")) < 2 * self.timings.peer_heartbeat:
-                continue
-            self._asked[key] = now
-            give = min(free, need)
-            if donor == self.name:
-                self._pledge(feature, give)
-            else:
-                self.network.send(donor, PledgeRequest(feature, give))
-            need -= give
-
-    def _report(self) -> None:
-        leader = self.node.leader
-        if leader is None:
-            return
-        now = self.clock.seconds()
-        if self._in_flight is not None and now - self._in_flight_at < 3 * self.timings.status_report:
-            return
-        # The difference between what this member holds and what the record
-        # says it holds: also right after a restart, when the record still
-        # lists leases that ended while this member was down.
-        current = {lease.lease_id: lease for lease in self.server.seats.leases()}
-        recorded = self.record.held_by(self.name)
-        added = [lease_doc(current[k]) for k in sorted(current.keys() - recorded.keys())][:MAX_REPORT]
-        removed = sorted(recorded.keys() - current.keys())[:MAX_REPORT]
-        if not added and not removed:
-            self._in_flight = None
-            return
-        self._report_id += 1
-        report = LeaseReport(self._report_id, added, removed)
-        self._in_flight, self._in_flight_at = report, now
-        if leader == self.name:
-            if self.node.role == "leader":
-                rid = report.report_id
-                self._propose(entries.report_entry(self.name, added, removed)).addCallback(
-                    lambda index: index is not None and self._report_acked(rid))
-        else:
-            self.network.send(leader, report)
-
-    def _report_acked(self, report_id: int) -> None:
-        report = self._in_flight
-        if report is not None and report.report_id == report_id:
-            self._in_flight = None
-
-    def _merge_report(self, sender: str, report: LeaseReport) -> None:
-        if self.node.role != "leader":
-            return
-        try:
-            added = [_check_lease_doc(doc, sender) for doc in report.added[:MAX_REPORT]]
-            removed = [r for r in report.removed[:MAX_REPORT] if isinstance(r, str)]
-        except BadRequest as e:
-            log.warn("lease report from {sender} refused: {error}", sender=sender, error=str(e))
-            return
-        rid = report.report_id
-        self._propose(entries.report_entry(sender, added, removed)).addCallback(
-            lambda index: index is not None and self.network.send(sender, ReportAck(rid)))
-
-
-def tagged_codec() -> tuple[Any, Any]:
-    """encode/decode for the peer links: consensus messages and pool notes, told apart by a tag."""
-    from . import codec
-    from .notes import NOTES, decode_note, encode_note
-
-    def encode(message: object) -> bytes:
-        if type(message).__name__ in NOTES:
-            return b"N" + encode_note(message)
-        return b"R" + codec.encode(message)
-
-    def decode(data: bytes) -> object:
-        if data[:1] == b"N":
-            return decode_note(data[1:])
-        if data[:1] == b"R":
-            return codec.decode(data[1:])
-        raise BadRequest("peer message with an unknown tag")
-
-    return encode, decode
+                          {f: list(p) for f, p in self.steward.pledges.items()})

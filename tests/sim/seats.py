@@ -42,7 +42,8 @@ from licensing.config import Address, Timings
 from licensing.errors import LicensingError
 from licensing.interfaces import IPeerNetwork
 from licensing.license import Feature, License, sign_license, verify_license
-from licensing.pool.replicated import ReplicatedPool, tagged_codec
+from licensing.pool.peer_codec import tagged_codec
+from licensing.pool.replicated import ReplicatedPool
 from licensing.responders import ClientLocator
 from licensing.sandbox import license_text
 from licensing.server import LicenseServer
