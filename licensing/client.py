@@ -331,10 +331,14 @@ class LicenseClient:
         NoQuorum, NotServing, BadRequest) when no member can issue it, or
         ``Unreachable`` when none answers. A member that answered outranks
         one that could not be reached: with one member down and the others
-        full, the pool is full, not unreachable.
+        full, the pool is full, not unreachable. NoSeats outranks NoQuorum
+        and NotServing: a member that sees a majority found no seat anywhere
+        it could borrow from, so a member that cannot act for a moment
+        (around a change of leader) does not make a full pool look broken.
         """
         last: Exception | None = None
         refused: RequestError | None = None
+        full: NoSeats | None = None
         for name in self._order(self.home or await self._roomiest(feature)):
             try:
                 answer = await self.call(
@@ -343,7 +347,9 @@ class LicenseClient:
                 )
             except (NoSeats, *_FAILOVER_ERRORS) as e:
                 last = e
-                if isinstance(e, RequestError):
+                if isinstance(e, NoSeats):
+                    full = e
+                elif isinstance(e, RequestError):
                     refused = e
                 continue
             lease = Lease(self, answer["lease_id"], feature, version, count, answer["server"],
@@ -351,6 +357,8 @@ class LicenseClient:
             self.leases[lease.lease_id] = lease
             self._schedule()
             return lease
+        if full is not None:
+            raise full
         if refused is not None:
             raise refused
         raise Unreachable(f"no member of the pool answered the checkout of {feature!r}: {_describe(last)}")

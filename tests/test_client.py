@@ -29,7 +29,7 @@ from zope.interface import implementer
 
 from licensing import commands
 from licensing.client import LeaseLost, LicenseClient, Unreachable
-from licensing.errors import BadRequest, LicenseExpired, NoSeats, UnknownFeature
+from licensing.errors import BadRequest, LicenseExpired, NoQuorum, NoSeats, UnknownFeature
 from licensing.responders import ClientFactory
 from licensing.tls import client_tls_options, server_tls_options
 
@@ -395,6 +395,32 @@ def test_failover_from_a_frozen_leader_whose_connections_hang(make_solo, pki: PK
     n.freeze("ls1")
     n.advance(lease.heartbeat + 3 * c.request_timeout + 1)
     assert lease.alive and lease.server == "ls2" and lease.converted == 1
+    c.close()
+    n.flush()
+
+
+def test_full_pool_with_a_member_without_quorum_says_no_seats(make_solo, pki: PKI) -> None:
+    """NoSeats from one member outranks NoQuorum from another, whatever the order.
+
+    Regression (pool integration test, under load): a follower that could not
+    act for a moment around a change of leader was asked last, and a checkout
+    from a full pool raised NoQuorum instead of NoSeats.
+    """
+    first = make_solo(name="ls1")
+    second = make_solo(name="ls2")
+
+    def no_quorum(feature: Any) -> None:
+        raise NoQuorum("server ls2 cannot see a majority")
+
+    second.pool.check_issue = no_quorum
+    n = Network(first.clock, pki)
+    n.add("ls1", first.server)
+    n.add("ls2", second.server, pki.ls2_cert, pki.ls2_key)
+    c = LicenseClient(n.clock, {"ls1": n.endpoint("ls1"), "ls2": n.endpoint("ls2")},
+                      client_id="app-1", home="ls1")
+    n.run(c.checkout("cad-pro", count=3))
+    with pytest.raises(NoSeats):
+        n.run(c.checkout("cad-pro"))
     c.close()
     n.flush()
 
