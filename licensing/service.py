@@ -116,7 +116,8 @@ def make_pool(settings: PoolSettings, member: ServerSettings, server: LicenseSer
     if len(settings.members) == 1:
         return SoloPool(server, member.client), None
     from .pool.peers import PeerNetwork
-    from .pool.replicated import ReplicatedPool, tagged_codec
+    from .pool.peer_codec import tagged_codec
+    from .pool.replicated import ReplicatedPool
     from .tls import client_tls_options
 
     encode, decode = tagged_codec()

@@ -28,12 +28,10 @@ from ..license import License
 from ..records import InstalledLicense
 from . import record as entries
 from .notes import LeaseReport, LicenseOffer, MemberNote, PledgeRequest, ReportAck, SeatRequest
-from .peer_codec import tagged_codec
 from .record import Record
 from .reports import LeaseReports, lease_doc
 from .steward import SeatSteward
 
-__all__ = ["ReplicatedPool", "tagged_codec"]  # licensing.service takes the codec from here
 
 if TYPE_CHECKING:
     from ..config import Address, Timings
