@@ -563,6 +563,16 @@ class TestSQLiteStoreThreaded(SQLiteContract):
         assert len((yield store.load()).leases) == 100
 
     @contract
+    def test_writes_of_one_reactor_turn_share_one_commit(self) -> Generator[Deferred[Any], Any, None]:
+        """Writes issued in one turn of an idle store wait for its end and commit together."""
+        store = self.store()
+        assert isinstance(store, SQLiteStore)
+        yield store.load()
+        before = store.commits
+        yield gatherResults([store.put_leases([make_lease(f"l{n:03}")]) for n in range(20)])
+        assert store.commits == before + 1
+
+    @contract
     def test_close_stops_the_thread(self) -> Generator[Deferred[Any], Any, None]:
         """After close fires, the store's thread is gone."""
         store = self.store()
@@ -595,6 +605,62 @@ class TestSQLiteGroupCommit:
         closed = store.close()
         runner.run_all()
         result_now(closed)
+
+    def test_puts_of_a_batch_keep_their_order_among_other_writes(self, tmp_path: Path) -> None:
+        """Lease puts run together, but never past a remove or another put between them."""
+        runner = SteppedRunner()
+        store = SQLiteStore(tmp_path / "s.db", None, runner=runner)
+        first = store.save_term(1, None)
+        writes = [
+            store.put_leases([make_lease("a"), make_lease("b")]),
+            store.put_leases([make_lease("c")]),
+            store.remove_leases(["a", "c"]),
+            store.put_leases([make_lease("a", user="grace")]),
+            store.put_leases([make_lease("b", user="grace")]),
+        ]
+        loaded = store.load()
+        runner.step()
+        result_now(first)
+        runner.run_all()
+        for deferred in writes:
+            assert result_now(deferred) is None
+        assert result_now(loaded).leases == [make_lease("a", user="grace"), make_lease("b", user="grace")]
+        assert store.commits == 2
+
+    @pytest.mark.parametrize("sizes", [[0], [1], [63], [64, 1], [65, 62], [127, 1, 200]])
+    def test_puts_of_any_size_are_stored(self, tmp_path: Path, sizes: list[int]) -> None:
+        """Rows go in statements of several sizes; every row of every put is stored once."""
+        runner = SteppedRunner()
+        store = SQLiteStore(tmp_path / "s.db", None, runner=runner)
+        first = store.save_term(1, None)
+        ids = iter(f"l{n:04}" for n in range(sum(sizes)))
+        puts = [store.put_leases([make_lease(next(ids)) for _ in range(size)]) for size in sizes]
+        loaded = store.load()
+        runner.run_all()
+        result_now(first)
+        for deferred in puts:
+            result_now(deferred)
+        assert [lease.lease_id for lease in result_now(loaded).leases] == [
+            f"l{n:04}" for n in range(sum(sizes))
+        ]
+
+    def test_refused_put_spares_the_puts_of_its_batch(self, tmp_path: Path) -> None:
+        """A lease the store cannot write fails alone, though its batch's puts ran as one statement."""
+        runner = SteppedRunner()
+        store = SQLiteStore(tmp_path / "s.db", None, runner=runner)
+        first = store.save_term(1, None)
+        good = [store.put_leases([make_lease("a")]), store.put_leases([make_lease("c")])]
+        bad = store.put_leases([make_lease("b", feature=object())])
+        last = store.put_leases([make_lease("d")])
+        loaded = store.load()
+        runner.step()
+        result_now(first)
+        runner.run_all()
+        for deferred in (*good, last):
+            result_now(deferred)
+        with pytest.raises(StoreError, match="write refused"):
+            result_now(bad)
+        assert [lease.lease_id for lease in result_now(loaded).leases] == ["a", "c", "d"]
 
     def test_refused_write_spares_its_batch(self, tmp_path: Path) -> None:
         """A write the store refuses fails alone; the rest of its batch commits."""
