@@ -43,8 +43,12 @@ class ConnectionsSettings:
         return cls(connections=400, baseline_connections=400, hold=1.0, warmup=0.2)
 
 
-def measure(bench: Bench, target: Target, s: ConnectionsSettings, connections: int) -> dict[str, Any]:
-    """Connect, check out, hold and check one fleet against ``target``; the phases and answers."""
+def measure(bench: Bench, target: Target, s: ConnectionsSettings, connections: int,
+            interval: float | None = None) -> dict[str, Any]:
+    """Connect, check out, hold and check one fleet against ``target``; the phases and answers.
+
+    ``interval`` overrides the heartbeat interval the target advises.
+    """
     limit = raise_open_files(target.pid, connections + 1000)
     fleet = ConnFleet(bench, target, connections, s.processes, prefix=f"conn-{target.kind}-")
     out: dict[str, Any] = {"open_files_limit": limit, "processes": len(fleet.procs), "connections": connections}
@@ -62,7 +66,7 @@ def measure(bench: Bench, target: Target, s: ConnectionsSettings, connections: i
         checked_out = fleet.ask({"cmd": "checkout"}, "checked-out", 120.0)
         s2 = Snapshot.take(servers, gens)
         out["checkout"] = window("checkout", s1, s2, sum(c["ok"] for c in checked_out), answers=checked_out)
-        fleet.ask({"cmd": "pace"}, "pacing")
+        fleet.ask({"cmd": "pace", "interval": interval}, "pacing")
         time.sleep(s.warmup)
         fleet.ask({"cmd": "stats"}, "stats")
         s3 = Snapshot.take(servers, gens)
@@ -76,10 +80,14 @@ def measure(bench: Bench, target: Target, s: ConnectionsSettings, connections: i
                              p50_ms=sorted(x["p50_ms"] or 0 for x in stats)[len(stats) // 2],
                              errors=sum(sum(x["errors"].values()) for x in stats),
                              missed=sum(x["missed"] for x in stats))
+        started = time.monotonic()
         out["check"] = fleet.ask({"cmd": "check"}, "checked", 120.0)
+        out["check_seconds"] = time.monotonic() - started
         out["open_files_limit_after"] = open_files_limit(target.pid)
     finally:
+        started = time.monotonic()
         fleet.close()
+        out["close_seconds"] = time.monotonic() - started
     bench.runs.append({"scenario": bench.scenario, "targets": [target.kind], "connections": connections,
                        "result": {"phases": [out[k] for k in ("connect", "checkout", "hold") if k in out]}})
     return out
@@ -88,13 +96,17 @@ def measure(bench: Bench, target: Target, s: ConnectionsSettings, connections: i
 def run_connections(bench: Bench, settings: ConnectionsSettings) -> list[Figure]:
     """The member's fleet, then the baseline's; their figures side by side.
 
-    The baseline gets the same fleet shape (processes, handshakes in flight,
-    pacing) with fewer connections: its rates and its costs per handshake,
-    connection and heartbeat do not depend on the count, and connecting
-    10,000 twice would double the scenario's time.
+    The baseline gets the same fleet shape (processes, handshakes in flight)
+    with fewer connections, each heartbeating proportionally more often so the
+    heartbeats per second are the member's: its rates and its costs per
+    handshake, connection and heartbeat do not depend on the count, and
+    connecting 10,000 twice would double the scenario's time.
     """
     member = measure(bench, bench.member(), settings, settings.connections)
-    base = measure(bench, bench.baseline(), settings, settings.baseline_connections)
+    # The same heartbeats per second as the member's fleet, from fewer
+    # connections, so the CPU per heartbeat is compared at the same rate.
+    interval = member["hold"]["interval"] * settings.baseline_connections / settings.connections
+    base = measure(bench, bench.baseline(), settings, settings.baseline_connections, interval)
     return figures_of(settings, member, base)
 
 
@@ -141,7 +153,8 @@ def figures_of(s: ConnectionsSettings, m: dict[str, Any], b: dict[str, Any]) -> 
         Figure("connections", "connections.heartbeat_cpu", "server CPU per heartbeat while holding", "us",
                mh["server_cpu_us_per_item"], bh["server_cpu_us_per_item"], better="lower",
                note="the whole process's CPU in the window over the heartbeats answered: one lease a "
-               f"call, as many connections as clients; {base_n}"),
+               f"call, as many connections as clients; {base_n} heartbeating every "
+               f"{bh.get('interval') or 0:g} s, the same heartbeats/s"),
         Figure("connections", "connections.hold_p99", "heartbeat p99 latency while holding", "ms",
                mh["p99_ms"], bh["p99_ms"], better="lower"),
         Figure("connections", "connections.served", "connections served at the end (heartbeat renewed)",

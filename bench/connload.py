@@ -26,11 +26,11 @@ next; each answers with one JSON line on stdout. The commands (JSON lines):
   once all are;
 - ``{"cmd": "reconnect"}``: every client at once (each after the 0.05-0.25 s
   jitter a ``LicenseClient`` waits after losing its server) reconnects and
-  heartbeats its lease until it is renewed; as a ``LicenseClient`` it gives up
-  on a connect or a call after 2 s (the default request timeout) and, as the
-  storm needs, tries again 0.1-0.3 s later (also after NotServing or Busy); a
-  lease the server does not know is checked out again; answers ``storm``
-  with handshake and served times;
+  heartbeats its lease until it is renewed, with a ``LicenseClient``'s
+  timings: 2 s (the default request timeout) for the TCP connect and 2 s for
+  the heartbeat, TLS handshake included; another try 0.5 s after one that
+  failed (also after NotServing or Busy); a lease the server does not know is
+  checked out again; answers ``storm`` with handshake and served times;
 - ``{"cmd": "quit"}``: close every connection and exit (answers ``bye``).
 """
 
@@ -67,8 +67,8 @@ REQUEST_TIMEOUT = 2.0
 client in a storm gives up on a connect or heartbeat after it, as a real one does, and tries again."""
 JITTER = (0.05, 0.25)
 """Seconds (uniform) after losing its server that a ``LicenseClient`` starts its heartbeat round."""
-RETRY = (0.1, 0.3)
-"""Seconds (uniform) a client in a storm waits before trying a failed connect or call again."""
+RETRY = 0.5
+"""Seconds a ``LicenseClient`` waits after a heartbeat round that renewed nothing (``FAILOVER_RETRY``)."""
 SERVED = (commands.RENEWED, commands.CONVERTED)
 
 
@@ -178,19 +178,30 @@ class Client:
     async def recover(self, stats: Counter[str], handshakes: list[float]) -> None:
         """Reconnect and heartbeat until the lease is renewed (or checked out again).
 
-        Like a ``LicenseClient``: it starts after a jitter, and gives up on a
-        connect, a handshake or a call after the default request timeout.
+        As a ``LicenseClient`` of a one-member pool does: it starts after the
+        jitter it waits once its server is gone; a TCP connect, and then the
+        heartbeat (whose 2 s include the TLS handshake, since the request is
+        sent once it completes), each get the default request timeout, and a
+        heartbeat that timed out drops the connection; a round that did not
+        renew the lease is followed by another 0.5 s later.
         """
-        rng = self.fleet.rng
-        await task.deferLater(self.fleet.reactor, rng.uniform(*JITTER), lambda: None)
-        while self.served_at is None:
+        reactor = self.fleet.reactor
+        await task.deferLater(reactor, self.fleet.rng.uniform(*JITTER), lambda: None)
+        while self.served_at is None and not self.fleet.storm_over:
             if self.link is None:
+                link = Link(self)
+                d = connectProtocol(self.fleet.endpoint, link)
+                d.addTimeout(REQUEST_TIMEOUT, reactor)
                 try:
-                    handshakes.append(await self.connect(REQUEST_TIMEOUT))
+                    await d
+                except defer.CancelledError:
+                    raise
                 except Exception:
                     stats["connect:" + _name(Failure())] += 1
-                    await task.deferLater(self.fleet.reactor, rng.uniform(*RETRY), lambda: None)
+                    await task.deferLater(reactor, RETRY, lambda: None)
                     continue
+                self.link = link
+                link.handshake.addCallbacks(handshakes.append, lambda _: None)
             try:
                 status = await self.heartbeat(REQUEST_TIMEOUT)
                 if status not in SERVED:
@@ -198,12 +209,15 @@ class Client:
                     await self.checkout(REQUEST_TIMEOUT)
                     stats["checked-out-again"] += 1
                 self.served_at = time.monotonic()
+            except defer.CancelledError:
+                raise
             except Exception:
                 failure = Failure()
                 stats["call:" + _name(failure)] += 1
-                if not failure.check(NotServing, Busy) and self.link is not None:
-                    self.link.transport.abortConnection()
-                await task.deferLater(self.fleet.reactor, rng.uniform(*RETRY), lambda: None)
+                link = self.link
+                if not failure.check(NotServing, Busy) and link is not None and link.transport is not None:
+                    link.transport.abortConnection()
+                await task.deferLater(reactor, RETRY, lambda: None)
 
 
 class Pacer:
@@ -297,6 +311,7 @@ class Fleet(LineReceiver):
         self.pacer: Pacer | None = None
         self.advised: float | None = None
         self.armed: defer.Deferred[None] | None = None
+        self.storm_over = False
         self.done: defer.Deferred[None] = defer.Deferred()
 
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802 - Twisted API
@@ -400,7 +415,15 @@ class Fleet(LineReceiver):
         handshakes: list[float] = []
         work = [defer.Deferred.fromCoroutine(c.recover(stats, handshakes)) for c in self.clients]
         deadline = float(command.get("deadline", 60.0))
-        timer = self.reactor.callLater(deadline, lambda: [d.cancel() for d in work if not d.called])
+
+        def give_up() -> None:
+            self.storm_over = True
+            for d in work:
+                if not d.called:
+                    d.cancel()
+
+        self.storm_over = False
+        timer = self.reactor.callLater(deadline, give_up)
         await defer.DeferredList(work)
         if timer.active():
             timer.cancel()

@@ -307,11 +307,12 @@ class Bench:
             self._baseline = self.start_baseline(self.member().pki)
         return self._baseline
 
-    def start_baseline(self, pki: Path, port: int = 0) -> Target:
+    def start_baseline(self, pki: Path, port: int = 0, options: tuple[str, ...] = ()) -> Target:
         """A new bare AMP server with ``pki``'s ls1 certificate, on ``port`` (0: any), once it listens.
 
         The shared one is ``baseline()``; a scenario that kills its baseline
         (the reconnection storm) starts its own, and again on the same port.
+        ``options`` go to ``baseline_server.py`` (``--backlog N``, ``--release-buffers``).
         """
         proc = self._spawn(
             [
@@ -325,6 +326,7 @@ class Bench:
                 str(pki / "ls1.key"),
                 "--port",
                 str(port),
+                *options,
             ],
             stdout=subprocess.PIPE,
         )

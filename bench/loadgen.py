@@ -112,6 +112,7 @@ class Phase:
         self.op = op
         self.calls_by_target = [0] * targets
         self.items_by_target = [0] * targets
+        self.errors_by_target: list[Counter[str]] = [Counter() for _ in range(targets)]
         self.extra: dict[str, Any] = {}
         self.window_start: float | None = None
         self.window_end: float | None = None
@@ -146,8 +147,9 @@ class Phase:
         self.calls_by_target[target] += 1
         self.items_by_target[target] += items
 
-    def fail(self, failure: Any) -> None:
+    def fail(self, failure: Any, target: int = 0) -> None:
         self.errors[type(failure.value).__name__] += 1
+        self.errors_by_target[target][type(failure.value).__name__] += 1
 
     def summary(self) -> dict[str, Any]:
         elapsed = (self.window_end or time.perf_counter()) - (self.window_start or 0.0)
@@ -163,6 +165,7 @@ class Phase:
             "loadgen_cpu": (self.cpu_end - self.cpu_start) / elapsed if elapsed > 0 else 0.0,
             "calls_by_target": self.calls_by_target,
             "items_by_target": self.items_by_target,
+            "errors_by_target": [dict(c) for c in self.errors_by_target],
             **percentiles(self.latencies),
             **self.extra,
         }
@@ -213,7 +216,7 @@ class Worker:
                 )
             except Exception:
                 failure = _failure()
-                phase.fail(failure)
+                phase.fail(failure, self.target)
                 if self._gone():
                     return
                 if retry and failure.check(NoQuorum, NotServing, Busy):
@@ -246,7 +249,7 @@ class Worker:
             try:
                 answer = await self._call(commands.Heartbeat, client_id=client, leases=ids)
             except Exception:
-                phase.fail(_failure())
+                phase.fail(_failure(), self.target)
                 if self._gone():
                     return
                 continue
@@ -263,7 +266,7 @@ class Worker:
                 try:
                     answer = await self._call(commands.Checkin, lease_id=lease_id)
                 except Exception:
-                    phase.fail(_failure())
+                    phase.fail(_failure(), self.target)
                     if self._gone():
                         return
                     continue
@@ -360,7 +363,7 @@ class Pacer:
 
         def failed(failure: Any) -> None:
             if self._in_window():
-                self.phase.fail(failure)
+                self.phase.fail(failure, worker.target)
 
         def settled(_: Any) -> None:
             self.busy[i] = False

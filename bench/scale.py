@@ -109,7 +109,8 @@ def run_scale(bench: Bench, settings: ScaleSettings) -> list[Figure]:
         {"op": "heartbeat", "name": "hold", "paced": True, "duration": s.window, "warmup": 1.0},
     ]
     try:
-        result = bench.load(members, s.connections, s.outstanding, plan, clients=s.clients, on_event=on_event)
+        result = bench.load(members, s.connections, s.outstanding, plan, clients=s.clients, on_event=on_event,
+                            profile="hold" if bench.settings.profile else None)
         after = counts(box)
     finally:
         # Stopping frees every lease at once; checking 100,000 in would take longer than filling.

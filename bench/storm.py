@@ -1,6 +1,6 @@
 """The ``storm`` scenario: every client reconnects at once after its member restarts.
 
-A fresh single member with the SQLite store. 2,000 clients (one connection
+A fresh single member with the SQLite store. 1,000 clients (one connection
 and one lease each, from two ``connload.py`` processes) connect, check out
 and heartbeat at the advised interval. The member gets SIGKILL and is started
 again at once on the same store, so it comes back holding every lease (F6: a
@@ -40,11 +40,13 @@ from harness import Bench, Snapshot, Target, raise_open_files, window
 class StormSettings:
     """Knobs of the scenario; written to results.json with the figures' detail."""
 
-    connections: int = 2000
+    connections: int = 1000
     processes: int = 2
     concurrency: int = 16
     settle: float = 1.0
     deadline: float = 60.0
+    baseline_options: tuple[str, ...] = ()
+    """For trying what a server change would do, e.g. ``("--backlog", "1024")``; none by default."""
 
     @classmethod
     def quick(cls) -> StormSettings:
@@ -54,9 +56,10 @@ class StormSettings:
 class Restartable:
     """A target that can be killed and started again on the same port, and told when it serves."""
 
-    def __init__(self, bench: Bench, kind: str) -> None:
+    def __init__(self, bench: Bench, kind: str, options: tuple[str, ...] = ()) -> None:
         self.bench = bench
         self.kind = kind
+        self.options = options
         if kind == "member":
             tag, n = "storm", 1
             while (bench.workdir / tag).exists():
@@ -66,7 +69,7 @@ class Restartable:
             self.target = bench.start_member(self.box)
         else:
             self.box = None
-            self.target = bench.start_baseline(bench.member().pki)
+            self.target = bench.start_baseline(bench.member().pki, options=options)
 
     def kill(self) -> None:
         if self.box is not None:
@@ -87,13 +90,13 @@ class Restartable:
                     raise RuntimeError(f"the member exited while restarting: {self.box.log(self.target.server_name)[-2000:]}")
                 time.sleep(0.01)
         else:
-            self.target = self.bench.start_baseline(self.target.pki, self.target.port)
+            self.target = self.bench.start_baseline(self.target.pki, self.target.port, self.options)
         return self.target
 
 
 def measure(bench: Bench, kind: str, s: StormSettings) -> dict[str, Any]:
     """Connect a fleet to a new ``kind`` target, kill it, restart it, let the fleet storm back."""
-    server = Restartable(bench, kind)
+    server = Restartable(bench, kind, s.baseline_options if kind == "baseline" else ())
     target = server.target
     raise_open_files(target.pid, s.connections + 1000)
     fleet = ConnFleet(bench, target, s.connections, s.processes, prefix=f"storm-{kind}-")
