@@ -9,10 +9,9 @@ reactor or the load generator.
 
 Usage: ``python bench/baseline_server.py --ca CA --cert CERT --key KEY``; it
 prints ``{"port": N, "pid": P}`` on stdout once it listens on 127.0.0.1.
-By default it listens as a member does (Twisted's backlog of 50, OpenSSL's
-default buffers); ``--backlog`` and ``--release-buffers`` try what a larger
-accept queue or OpenSSL's ``SSL_MODE_RELEASE_BUFFERS`` would change (see
-docs/benchmarks.md, the connections and storm scenarios).
+By default it listens as a member does (Twisted's backlog of 50);
+``--backlog`` tries what a longer accept queue would change (see
+docs/benchmarks.md, the storm scenario).
 """
 
 from __future__ import annotations
@@ -74,17 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="ls1", help="server name put in Checkout answers")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--backlog", type=int, default=50, help="listen backlog (Twisted's default: 50)")
-    parser.add_argument(
-        "--release-buffers", action="store_true", help="free OpenSSL's buffers of idle connections"
-    )
     args = parser.parse_args(argv)
 
     options = server_tls_options(args.ca, args.cert, args.key)
-    if args.release_buffers:
-        from OpenSSL import SSL
-
-        # CertificateOptions keeps the context it builds, so this reaches every connection.
-        options.getContext().set_mode(SSL.MODE_RELEASE_BUFFERS)
     endpoint = SSL4ServerEndpoint(reactor, args.port, options, backlog=args.backlog, interface="127.0.0.1")
 
     def listening(port) -> None:

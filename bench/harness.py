@@ -312,7 +312,7 @@ class Bench:
 
         The shared one is ``baseline()``; a scenario that kills its baseline
         (the reconnection storm) starts its own, and again on the same port.
-        ``options`` go to ``baseline_server.py`` (``--backlog N``, ``--release-buffers``).
+        ``options`` go to ``baseline_server.py`` (``--backlog N``).
         """
         proc = self._spawn(
             [
