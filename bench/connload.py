@@ -129,7 +129,6 @@ class Client:
         self.link: Link | None = None
         self.lease_id: str | None = None
         self.busy = False
-        self.handshake_at: float | None = None
         self.served_at: float | None = None
 
     async def connect(self, timeout: float = CONNECT_TIMEOUT) -> float:
@@ -148,11 +147,11 @@ class Client:
                 link.transport.abortConnection()
             raise
         self.link = link
-        self.handshake_at = at
         return at
 
     def call(self, command: type[amp.Command], timeout: float = CALL_TIMEOUT,
              **kwargs: Any) -> defer.Deferred[dict[str, Any]]:
+        """One request on the current connection, failing at once if there is none."""
         if self.link is None or self.link.lost:
             return defer.fail(ConnectionError("not connected"))
         d = self.link.callRemote(command, **kwargs)
@@ -160,17 +159,20 @@ class Client:
         return d
 
     async def checkout(self, timeout: float = CALL_TIMEOUT) -> float:
+        """Check out one seat; the heartbeat interval the server advised."""
         answer = await self.call(commands.Checkout, timeout, feature=self.fleet.feature, version="",
                                  client_id=self.client_id, user="bench", host="connload", count=1)
         self.lease_id = answer["lease_id"]
         return float(answer["heartbeat"])
 
     async def heartbeat(self, timeout: float = CALL_TIMEOUT) -> str:
+        """Heartbeat the lease; the status the server answered for it."""
         assert self.lease_id is not None
         answer = await self.call(commands.Heartbeat, timeout, client_id=self.client_id, leases=[self.lease_id])
         return str(answer["statuses"][0][1])
 
     def lost(self, link: Link) -> None:
+        """``link`` closed: forget it if it is the current one."""
         if link is self.link:
             self.link = None
             self.fleet.client_lost(self)
