@@ -52,6 +52,8 @@ MAX_JUDGED = 1024
 """Feature judgments cached per (name, requested version) at most; versions come
 from the network, so a client cycling through them only empties the cache."""
 DAY = 86_400.0
+_ID_TIME_MASK = (1 << 40) - 1
+_ID_RANDOM_MASK = (1 << 88) - 1
 # Whole-string matches: one C call checks both the length and the characters
 # (``match`` with ``$`` would also let a trailing newline through).
 _FEATURE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}").fullmatch
@@ -298,7 +300,17 @@ class LicenseServer:
             )
 
     def new_lease_id(self) -> str:
-        return f"{self.rng.getrandbits(128):032x}"
+        """32 hex digits: the issue time in milliseconds (10), then 88 random bits (22).
+
+        The random part keeps ids unguessable; the time in front makes the
+        ids of a batch of checkouts neighbours in the store's lease table, so
+        a group commit writes one or two table pages instead of a page per
+        lease (random ids cost a 4 KiB WAL frame per checkout). Wraps every
+        34 years, which only costs locality. It draws 128 bits, as it always
+        did, so a seeded simulation consumes its random stream the same way.
+        """
+        ms = int(self.clock.seconds() * 1000) & _ID_TIME_MASK
+        return f"{ms:010x}{self.rng.getrandbits(128) & _ID_RANDOM_MASK:022x}"
 
     def checkout(
         self, feature: str, version: str, client_id: str, user: str, host: str, count: int = 1

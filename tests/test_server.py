@@ -671,7 +671,17 @@ def test_locate_names_the_member_and_leader(solo: Solo) -> None:
 
 
 def test_lease_ids_are_distinct(solo: Solo) -> None:
-    """Lease ids are 128 random bits in hex."""
+    """Lease ids are 32 hex digits, distinct within one millisecond (88 random bits)."""
     ids = {solo.server.new_lease_id() for _ in range(1000)}
     assert len(ids) == 1000
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+
+
+def test_lease_ids_sort_by_issue_time(solo: Solo) -> None:
+    """A lease issued milliseconds later has a larger id, so the store appends it."""
+    ids = []
+    for _ in range(100):
+        ids.append(solo.server.new_lease_id())
+        solo.clock.advance(0.002)
+    assert ids == sorted(ids)
+    assert len({i[:10] for i in ids}) == 100
