@@ -20,6 +20,9 @@ class SeatTable:
         self._used: dict[str, int] = {}
         self._leases: dict[str, Lease] = {}
         self._expiry: list[tuple[float, str]] = []
+        self.changes = 0
+        """Counts every lease added or dropped, so the pool's lease reports can tell
+        in O(1) that nothing changed since they last compared the whole table."""
 
     def allocation(self, feature: str) -> int:
         """How many seats of ``feature`` this server may have in use."""
@@ -64,6 +67,7 @@ class SeatTable:
         """Record a lease without checking the allocation (leases loaded from the store)."""
         self._leases[lease.lease_id] = lease
         self._used[lease.feature] = self.used(lease.feature) + lease.count
+        self.changes += 1
         heapq.heappush(self._expiry, (lease.expires_at, lease.lease_id))
 
     def renew(self, lease_id: str, expires_at: float) -> Lease | None:
@@ -86,6 +90,7 @@ class SeatTable:
         lease = self._leases.pop(lease_id, None)
         if lease is not None:
             self._used[lease.feature] -= lease.count
+            self.changes += 1
         return lease
 
     def expire(self, now: float, limit: int | None = None) -> list[Lease]:
