@@ -7,6 +7,7 @@ and time only moves when a test advances the Clock.
 from __future__ import annotations
 
 import datetime
+import gc
 import re
 
 import pytest
@@ -30,7 +31,7 @@ from licensing.errors import (
 from licensing.license import sign_license
 from licensing.records import InstalledLicense
 from licensing.sandbox import license_text
-from licensing.server import MAX_COUNT, MAX_LEASES_PER_CALL, LicenseServer
+from licensing.server import GC_YOUNG_THRESHOLD, MAX_COUNT, MAX_LEASES_PER_CALL, LicenseServer
 from licensing.store.memory import MemoryStore
 
 from .conftest import FEATURES, DurableMemoryStore, Solo, resolve
@@ -668,6 +669,20 @@ def test_verbose_status_lists_leases(solo: Solo) -> None:
 def test_locate_names_the_member_and_leader(solo: Solo) -> None:
     """Locate tells a client where every member listens and who leads."""
     assert solo.server.locate() == ("ls1", "ls1", [("ls1", "127.0.0.1", 7070)])
+
+
+def test_start_collects_young_objects_less_often(make_solo) -> None:
+    """Starting raises the young generation's GC threshold, and never lowers a higher one."""
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        make_solo().server.stop()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, 10, 10)
+        gc.set_threshold(GC_YOUNG_THRESHOLD * 2, 5, 5)
+        make_solo().server.stop()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD * 2, 5, 5)
+    finally:
+        gc.set_threshold(*saved)
 
 
 def test_lease_ids_are_distinct(solo: Solo) -> None:
