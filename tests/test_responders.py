@@ -30,7 +30,7 @@ from licensing.errors import (
     StaleLicense,
     UnknownFeature,
 )
-from licensing.responders import MAX_OUTSTANDING, ClientFactory, Refused
+from licensing.responders import MAX_OUTSTANDING, ClientFactory, ClientLocator, Refused
 
 from .conftest import FEATURES, Solo, resolve
 from .test_server import FlakyStore
@@ -361,3 +361,65 @@ def test_malformed_boxes_are_bad_requests(wire: Wire, box: dict) -> None:
     assert caught.value.errorCode == b"BAD_REQUEST"
     assert wire.connected
     assert wire.call(commands.Locate)["server"] == "ls1"
+
+
+# -- checkout_box against AMP's own schema handling -------------------------------------
+
+class SchemaLocator(ClientLocator):
+    """Checkout through ``CommandLocator``'s schema handling and ``checkout``: the reference."""
+
+    def locateResponder(self, name: bytes) -> Any:  # noqa: N802 - Twisted API
+        responder = amp.CommandLocator.locateResponder(self, name)
+
+        def parse_or_refuse(box: amp.AmpBox) -> Any:
+            try:
+                return responder(box)
+            except (KeyError, ValueError, TypeError) as e:
+                return fail(amp.RemoteAmpError(b"BAD_REQUEST", f"malformed arguments: {e}"[:200]))
+
+        return parse_or_refuse
+
+
+class SchemaFactory(ClientFactory):
+    """Client connections whose checkout goes through ``SchemaLocator``."""
+
+    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802 - Twisted API
+        connection = super().buildProtocol(addr)
+        connection.locator = SchemaLocator(self.server, connection)
+        return connection
+
+
+def _raw_outcome(wire: Wire, box: dict[bytes, bytes]) -> tuple[str, Any]:
+    reply = Reply(wire.client.callRemoteString(b"checkout", **{k.decode(): v for k, v in box.items()}))
+    wire.pump.flush()
+    try:
+        return ("answer", dict(reply.result()))
+    except amp.RemoteAmpError as e:
+        return ("error", (e.errorCode, e.description))
+
+
+_VALID_BOX = {b"feature": b"cad-pro", b"version": b"", b"client_id": b"c1", b"user": b"alice",
+              b"host": b"ws1", b"count": b"1"}
+_box_value = st.one_of(
+    st.none(),
+    st.sampled_from([b"cad-pro", b"viewer", b"old", b"", b"1", b"2", b"3", b"0", b"-1", b" 2 ",
+                     b"1_0", b"2.0", b"9.9", b"many", b"\xff\xfe", b"a\tb", b"cad-pro\n"]),
+    st.binary(max_size=12),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.lists(st.dictionaries(st.sampled_from([*_VALID_BOX, b"extra"]), _box_value,
+                                        max_size=3), min_size=1, max_size=5))
+def test_checkout_box_answers_as_the_schema_does(make_solo, changes) -> None:
+    """Box for box, the hand-written checkout gives the bytes and errors AMP's schema would."""
+    import random
+
+    fast, schema = make_solo(), make_solo()
+    fast.server.rng, schema.server.rng = random.Random(7), random.Random(7)
+    fast_wire, schema_wire = connect(fast), connect(schema, SchemaFactory(schema.server))
+    for change in changes:
+        box = {**_VALID_BOX, **change}
+        box = {k: v for k, v in box.items() if v is not None}
+        assert _raw_outcome(fast_wire, box) == _raw_outcome(schema_wire, box)
+        assert fast_wire.connected and schema_wire.connected
