@@ -179,7 +179,7 @@ def main(argv: list[str]) -> None:
     next_id = [1]
     pipes: set[Pipe] = set()
     stats: dict[str, int] = {"accepted": 0, "refused": 0, "aborted": 0, "dropped_bytes": 0,
-                             "unidentified": 0}
+                             "unidentified": 0, "vanished": 0}
 
     def active(route: str, source: str, kind: str, direction: str | None = None) -> list[Rule]:
         return [r for r in rules if r.kind == kind and r.matches(route, source)
@@ -294,9 +294,14 @@ def main(argv: list[str]) -> None:
         def connectionMade(self) -> None:
             stats["accepted"] += 1
             if self.route.startswith("peer:"):
-                source = connection_owner(self.transport.getPeer().port, self.transport.getHost().port)
+                ports = (self.transport.getPeer().port, self.transport.getHost().port)
+                source = connection_owner(*ports)
                 if source is None:
-                    stats["unidentified"] += 1
+                    # A socket closed by its side already (a member killed or
+                    # giving up right after connecting) has no owner left to
+                    # find: not a connection of unknown origin.
+                    gone = _socket_inode(*ports) in (None, "0")
+                    stats["vanished" if gone else "unidentified"] += 1
                     source = "?"
             else:
                 source = "client"
