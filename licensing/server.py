@@ -118,8 +118,12 @@ def check_checkout(feature: str, version: str, client_id: str, user: str, host: 
         raise BadRequest(f"count must be an integer from 1 to {MAX_COUNT}, got {count!r}")
 
 
-def _collect_less_often() -> None:
-    """Raise the young generation's threshold to ``GC_YOUNG_THRESHOLD`` (never lower it)."""
+def collect_less_often() -> None:
+    """Raise the young generation's threshold to ``GC_YOUNG_THRESHOLD`` (never lower it).
+
+    Process-wide, so the program that owns the process calls it (``twistd
+    licensing`` does), not a LicenseServer an application embeds.
+    """
     young, middle, old = gc.get_threshold()
     if 0 < young < GC_YOUNG_THRESHOLD:
         gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
@@ -167,7 +171,6 @@ class LicenseServer:
         commits them, and the server answers (NotServing) meanwhile.
         """
         self.pool = pool
-        _collect_less_often()
         state = await self.store.load()
         now = self.clock.seconds()
         offers = []

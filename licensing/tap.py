@@ -34,8 +34,10 @@ def makeService(options: Options):  # noqa: N802 - Twisted API
     """The only place that touches the global reactor."""
     from twisted.internet import reactor
 
+    from .server import collect_less_often
     from .service import build_service
 
+    collect_less_often()
     try:
         return build_service(options["settings"], reactor, name=options["member"])
     except LicensingError as e:

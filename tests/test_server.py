@@ -31,7 +31,8 @@ from licensing.errors import (
 from licensing.license import sign_license
 from licensing.records import InstalledLicense
 from licensing.sandbox import license_text
-from licensing.server import GC_YOUNG_THRESHOLD, MAX_COUNT, MAX_LEASES_PER_CALL, LicenseServer
+from licensing.server import (GC_YOUNG_THRESHOLD, MAX_COUNT, MAX_LEASES_PER_CALL, LicenseServer,
+                              collect_less_often)
 from licensing.store.memory import MemoryStore
 
 from .conftest import FEATURES, DurableMemoryStore, Solo, resolve
@@ -671,16 +672,20 @@ def test_locate_names_the_member_and_leader(solo: Solo) -> None:
     assert solo.server.locate() == ("ls1", "ls1", [("ls1", "127.0.0.1", 7070)])
 
 
-def test_start_collects_young_objects_less_often(make_solo) -> None:
-    """Starting raises the young generation's GC threshold, and never lowers a higher one."""
+def test_collect_less_often_raises_the_young_threshold_only() -> None:
+    """The young generation's GC threshold goes up to GC_YOUNG_THRESHOLD, never down,
+    and a disabled collector stays disabled; a LicenseServer alone changes nothing."""
     saved = gc.get_threshold()
     try:
         gc.set_threshold(700, 10, 10)
-        make_solo().server.stop()
+        collect_less_often()
         assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, 10, 10)
         gc.set_threshold(GC_YOUNG_THRESHOLD * 2, 5, 5)
-        make_solo().server.stop()
+        collect_less_often()
         assert gc.get_threshold() == (GC_YOUNG_THRESHOLD * 2, 5, 5)
+        gc.set_threshold(0, 5, 5)
+        collect_less_often()
+        assert gc.get_threshold() == (0, 5, 5)
     finally:
         gc.set_threshold(*saved)
 
