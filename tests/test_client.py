@@ -352,8 +352,8 @@ def test_no_member_reachable(net: Network, client: LicenseClient) -> None:
         net.run(client.checkout("cad-pro"))
 
 
-def test_failover_converts_at_the_other_member(make_solo, pki: PKI) -> None:
-    """When its server fails, the client claims the lease at the member that answers Locate."""
+def two_members(make_solo, pki: PKI) -> tuple[Solo, Solo, Network, LicenseClient]:
+    """Members ls1 and ls2 on one network, and a client homed on ls1 that knows both."""
     first = make_solo(name="ls1")
     second = make_solo(name="ls2")
     n = Network(first.clock, pki)
@@ -361,6 +361,12 @@ def test_failover_converts_at_the_other_member(make_solo, pki: PKI) -> None:
     n.add("ls2", second.server, pki.ls2_cert, pki.ls2_key)
     c = LicenseClient(n.clock, {"ls1": n.endpoint("ls1"), "ls2": n.endpoint("ls2")},
                       client_id="app-1", home="ls1")
+    return first, second, n, c
+
+
+def test_failover_converts_at_the_other_member(make_solo, pki: PKI) -> None:
+    """When its server fails, the client claims the lease at the member that answers Locate."""
+    _, second, n, c = two_members(make_solo, pki)
     lease = n.run(c.checkout("cad-pro"))
     assert lease.server == "ls1"
     n.cut("ls1")
@@ -382,13 +388,7 @@ def test_failover_from_a_frozen_leader_whose_connections_hang(make_solo, pki: PK
     error, so Locate gave up at the frozen leader on every round and the
     lease was never claimed elsewhere.
     """
-    first = make_solo(name="ls1")
-    second = make_solo(name="ls2")
-    n = Network(first.clock, pki)
-    n.add("ls1", first.server)
-    n.add("ls2", second.server, pki.ls2_cert, pki.ls2_key)
-    c = LicenseClient(n.clock, {"ls1": n.endpoint("ls1"), "ls2": n.endpoint("ls2")},
-                      client_id="app-1", home="ls1")
+    _, _, n, c = two_members(make_solo, pki)
     lease = n.run(c.checkout("cad-pro"))
     assert lease.server == "ls1"
     c.leader = "ls1"
@@ -406,18 +406,12 @@ def test_full_pool_with_a_member_without_quorum_says_no_seats(make_solo, pki: PK
     act for a moment around a change of leader was asked last, and a checkout
     from a full pool raised NoQuorum instead of NoSeats.
     """
-    first = make_solo(name="ls1")
-    second = make_solo(name="ls2")
+    _, second, n, c = two_members(make_solo, pki)
 
     def no_quorum(feature: Any) -> None:
         raise NoQuorum("server ls2 cannot see a majority")
 
     second.pool.check_issue = no_quorum
-    n = Network(first.clock, pki)
-    n.add("ls1", first.server)
-    n.add("ls2", second.server, pki.ls2_cert, pki.ls2_key)
-    c = LicenseClient(n.clock, {"ls1": n.endpoint("ls1"), "ls2": n.endpoint("ls2")},
-                      client_id="app-1", home="ls1")
     n.run(c.checkout("cad-pro", count=3))
     with pytest.raises(NoSeats):
         n.run(c.checkout("cad-pro"))
