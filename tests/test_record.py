@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from zope.interface.verify import verifyObject
@@ -135,7 +137,7 @@ def test_adopt_moves_lease(vendor):
     rec = make_record(vendor)
     rec.apply(1, entries.report_entry("ls2", [lease("a")], []))
     rec.apply(2, entries.adopt_entry(lease("a"), "ls2", "ls1"))
-    assert rec.leases["a"]["server"] == "ls1"
+    assert rec.leases["a"].server == "ls1"
 
 
 def test_snapshot_restore_round_trip(vendor):
@@ -147,6 +149,40 @@ def test_snapshot_restore_round_trip(vendor):
     copy.restore(rec.snapshot())
     assert copy.snapshot() == rec.snapshot()
     assert copy.sequence == 1
+    assert copy.leases == rec.leases
+    assert copy.used("cad-pro", "ls2") == 1
+
+
+def test_restores_a_snapshot_that_lists_leases_as_objects(vendor):
+    """Snapshots taken before leases became tuples still restore: members upgrade one at a time."""
+    rec = make_record(vendor)
+    rec.apply(1, entries.license_entry(1, signed(vendor, 1, count=10)))
+    rec.apply(2, entries.report_entry("ls2", [lease("a", count=2)], []))
+    old = json.loads(rec.snapshot())
+    old["leases"] = {"a": lease("a", count=2)}
+    copy = make_record(vendor)
+    copy.restore(json.dumps(old).encode())
+    assert copy.leases == rec.leases
+    assert copy.used("cad-pro", "ls2") == 2
+
+
+def test_used_follows_reports_adoptions_and_full_reports(vendor):
+    """The per-member seat counts the steward reads stay equal to a count over the leases."""
+    rec = make_record(vendor)
+    rec.apply(1, entries.report_entry("ls2", [lease("a"), lease("b", count=3)], []))
+    rec.apply(2, entries.report_entry("ls3", [lease("c")], []))
+    assert (rec.used("cad-pro", "ls2"), rec.used("cad-pro", "ls3")) == (4, 1)
+    rec.apply(3, entries.adopt_entry(lease("b", count=3), "ls2", "ls1"))
+    assert (rec.used("cad-pro", "ls1"), rec.used("cad-pro", "ls2")) == (3, 1)
+    rec.apply(4, entries.report_entry("ls2", [lease("a", count=2)], []))
+    assert rec.used("cad-pro", "ls2") == 2
+    rec.apply(5, entries.report_entry("ls3", [lease("d")], [], full=True))
+    assert set(rec.held_by("ls3")) == {"d"}
+    assert rec.used("cad-pro", "ls3") == 1
+    rec.apply(6, entries.report_entry("ls1", [], ["b"]))
+    assert rec.used("cad-pro", "ls1") == 0
+    for member in MEMBERS:
+        assert rec.used("cad-pro", member) == sum(v.count for v in rec.held_by(member).values())
 
 
 @pytest.mark.allow_logged_errors

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -30,6 +31,43 @@ APPLIED = "applied"
 """Observers hear this after every entry and snapshot, with the index now applied."""
 
 LEASE_FIELDS = ("lease_id", "feature", "version", "client_id", "user", "host", "count", "server")
+
+
+class RecordLease(NamedTuple):
+    """One lease as the record lists it.
+
+    A tuple, not a dict, with its repeated text shared: every member keeps
+    every lease of the pool, and a dict of nine fields costs more than the
+    lease itself is worth (DESIGN.md, memory per lease).
+    """
+
+    lease_id: str
+    feature: str
+    version: str
+    client_id: str
+    user: str
+    host: str
+    count: int
+    server: str
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any], server: str) -> RecordLease:
+        """From a lease document of a report or adoption entry, held by ``server``."""
+        intern = sys.intern
+        return cls(str(doc["lease_id"]), intern(doc["feature"]), intern(doc["version"]),
+                   intern(doc["client_id"]), intern(doc["user"]), intern(doc["host"]), int(doc["count"]),
+                   intern(server))
+
+    @classmethod
+    def from_snapshot(cls, lease_id: str, value: list[Any] | dict[str, Any]) -> RecordLease:
+        """From a snapshot: the fields after ``lease_id`` in order, or a dict (older snapshots)."""
+        if isinstance(value, dict):
+            return cls.from_doc({**value, "lease_id": lease_id}, value["server"])
+        return cls.from_doc(dict(zip(LEASE_FIELDS, [lease_id, *value])), value[-1])
+
+    def snapshot_value(self) -> list[Any]:
+        """What :meth:`from_snapshot` reads back: the fields after ``lease_id``."""
+        return list(self[1:])
 
 
 def license_entry(sequence: int, data: bytes) -> bytes:
@@ -73,7 +111,9 @@ class Record:
         self.license: License | None = None
         self.license_data: bytes | None = None
         self.allocations: dict[str, dict[str, int]] = {}
-        self.leases: dict[str, dict[str, Any]] = {}
+        self.leases: dict[str, RecordLease] = {}
+        self._used: dict[tuple[str, str], int] = {}
+        """(feature, member) -> seats the member's leases in the record use."""
         self.applied = 0
         self.shrunk_at: dict[str, int] = {}
         self.shrinks: dict[str, dict[str, int]] = {}
@@ -89,12 +129,27 @@ class Record:
     def allocation(self, feature: str, member: str) -> int:
         return self.allocations.get(feature, {}).get(member, 0)
 
-    def held_by(self, member: str) -> dict[str, dict[str, Any]]:
-        return {k: v for k, v in self.leases.items() if v["server"] == member}
+    def held_by(self, member: str) -> dict[str, RecordLease]:
+        return {k: v for k, v in self.leases.items() if v.server == member}
 
     def used(self, feature: str, member: str) -> int:
-        return sum(v["count"] for v in self.leases.values()
-                   if v["feature"] == feature and v["server"] == member)
+        return self._used.get((feature, member), 0)
+
+    def _put(self, lease: RecordLease) -> None:
+        self._drop(lease.lease_id)
+        self.leases[lease.lease_id] = lease
+        key = (lease.feature, lease.server)
+        self._used[key] = self._used.get(key, 0) + lease.count
+
+    def _drop(self, lease_id: str) -> None:
+        lease = self.leases.pop(lease_id, None)
+        if lease is not None:
+            key = (lease.feature, lease.server)
+            left = self._used[key] - lease.count
+            if left:
+                self._used[key] = left
+            else:
+                del self._used[key]
 
     def _notify(self, kind: str, detail: Any) -> None:
         for observer in self.observers:
@@ -202,19 +257,19 @@ class Record:
     def _apply_report(self, doc: dict[str, Any]) -> None:
         server = doc["server"]
         if doc.get("full"):
-            for lease_id in [k for k, v in self.leases.items() if v["server"] == server]:
-                del self.leases[lease_id]
+            for lease_id in [k for k, v in self.leases.items() if v.server == server]:
+                self._drop(lease_id)
         for lease_id in doc["removed"]:
             held = self.leases.get(lease_id)
-            if held is not None and held["server"] == server:
-                del self.leases[lease_id]
+            if held is not None and held.server == server:
+                self._drop(lease_id)
         for lease in doc["added"]:
-            self.leases[lease["lease_id"]] = {**{k: lease[k] for k in LEASE_FIELDS}, "server": server}
+            self._put(RecordLease.from_doc(lease, server))
 
     def _apply_adopt(self, doc: dict[str, Any]) -> None:
-        lease = doc["lease"]
-        self.leases[lease["lease_id"]] = {**{k: lease[k] for k in LEASE_FIELDS}, "server": doc["to"]}
-        self._notify(ADOPT, self.leases[lease["lease_id"]])
+        lease = RecordLease.from_doc(doc["lease"], doc["to"])
+        self._put(lease)
+        self._notify(ADOPT, lease)
 
     def unassigned(self, feature: str) -> int:
         """Seats of ``feature`` that no member's allocation holds (reclaimed, not yet given)."""
@@ -230,14 +285,17 @@ class Record:
             "shrunk_at": self.shrunk_at,
             "shrinks": self.shrinks,
             "changes": self.changes,
-            "leases": self.leases,
+            "leases": {k: v.snapshot_value() for k, v in self.leases.items()},
         })
 
     def restore(self, data: bytes) -> None:
         doc = json.loads(data)
         self.applied = doc["applied"]
         self.allocations = {f: dict(v) for f, v in doc["allocations"].items()}
-        self.leases = dict(doc["leases"])
+        self.leases = {}
+        self._used = {}
+        for lease_id, value in doc["leases"].items():
+            self._put(RecordLease.from_snapshot(lease_id, value))
         self.shrunk_at = dict(doc.get("shrunk_at", {}))
         self.shrinks = {f: dict(v) for f, v in doc.get("shrinks", {}).items()}
         self.changes = {f: dict(v) for f, v in doc.get("changes", {}).items()}

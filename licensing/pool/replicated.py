@@ -266,7 +266,7 @@ class ReplicatedPool:
         self.steward.adopted(lease)
         if self.node.role == "leader":
             held = self.record.leases.get(lease.lease_id)
-            source = held["server"] if held else None
+            source = held.server if held else None
             self._propose(entries.adopt_entry(lease_doc(lease), source, self.name))
 
     def usage(self, feature: str) -> dict[str, dict[str, int]]:
@@ -304,8 +304,8 @@ class ReplicatedPool:
             # Released once settled, if the lease has not come back here by
             # then: a restarted member replaying the log also meets the
             # adoptions of leases that it converted itself later on.
-            lease_id = detail["lease_id"]
-            if detail["server"] == self.name:
+            lease_id = detail.lease_id
+            if detail.server == self.name:
                 self._moved_away.discard(lease_id)
             elif self.server.seats.get(lease_id) is not None:
                 self._moved_away.add(lease_id)
@@ -338,10 +338,10 @@ class ReplicatedPool:
         seats = self.server.seats
         for lease_id in sorted(self._moved_away):
             doc = self.record.leases.get(lease_id)
-            if doc is not None and doc["server"] != self.name and seats.release(lease_id) is not None:
+            if doc is not None and doc.server != self.name and seats.release(lease_id) is not None:
                 self.server.forget([lease_id])
                 log.info("lease {lease_id} moved to {to}; released here", lease_id=lease_id,
-                         to=doc["server"])
+                         to=doc.server)
         self._moved_away.clear()
         for feature in self.record.allocations:
             excess = seats.used(feature) - seats.allocation(feature)

@@ -178,10 +178,9 @@ class SeatSteward:
                    for feature in list(self._kept))
 
     def _unclaimed(self, feature: str) -> bool:
-        allocation = self._record.allocation
-        return any(doc["feature"] == feature and doc["server"] != self._name
-                   and allocation(feature, doc["server"]) == 0
-                   for doc in self._record.leases.values())
+        record = self._record
+        return any(member != self._name and record.allocation(feature, member) == 0
+                   and record.used(feature, member) > 0 for member in self._members)
 
     def role_changed(self, role: str) -> None:
         """Forget what only the leader that decided it can finish."""
@@ -228,7 +227,7 @@ class SeatSteward:
         doc = self._record.leases.get(lease_id) if lease_id is not None else None
         if doc is None:
             return True
-        holder = doc["server"]
+        holder = doc.server
         return (holder != self._name and self._record.allocation(feature, holder) == 0) \
             or self._fenced(holder)
 
