@@ -38,6 +38,9 @@ log = Logger()
 FAILOVER_RETRY = 0.5
 """Seconds between failover rounds while no member takes a lease (an election is on)."""
 
+CLAIM_WAIT = 1.0
+"""Seconds the leader may hold a claim while seats move to it (Heartbeat.claim_wait), at most."""
+
 SILENT_FOR = 3
 """Request timeouts for which a member that did not answer at all is asked last,
 and not asked for claims other than as the leader."""
@@ -523,6 +526,11 @@ class LicenseClient:
                 lease._lose(f"server {server} answered {status}")
         return unknown
 
+    def _claim_wait(self) -> float:
+        """How long the leader may hold our claims for seats on their way: half
+        the request timeout, so that a held claim never looks like a dead member."""
+        return min(CLAIM_WAIT, self.request_timeout / 2)
+
     async def _claim(self, leases: list[Lease]) -> None:
         """Send leases whose server failed or forgot them to the leader as claims."""
         try:
@@ -537,7 +545,7 @@ class LicenseClient:
         for name in candidates:
             try:
                 answer = await self.call(name, commands.Heartbeat, client_id=self.client_id,
-                                         leases=[], claims=claims)
+                                         leases=[], claims=claims, claim_wait=self._claim_wait())
             except (*_FAILOVER_ERRORS, BadRequest, Unreachable) as e:
                 # Unreachable: closed meanwhile, or a leader we know no endpoint for.
                 log.info("claim at {server} failed: {error}", server=name, error=_describe(e))

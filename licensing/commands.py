@@ -70,6 +70,12 @@ class Heartbeat(amp.Command):
     retry-after. A lease the server does not hold comes back ``unknown``; the
     client then sends it again in ``claims`` (id, feature, version, count,
     user, host) so that the leader can convert it (F8).
+
+    ``claim_wait`` is how long the leader may hold the answer while a claim
+    waits for seats it is moving here (or for its own first commit as a new
+    leader) before answering retry-after: a retry-after costs the client a
+    whole wait that is a guess, where the leader knows the moment the seats
+    arrive. Without it (older clients) the leader answers at once.
     """
 
     commandName = b"heartbeat"
@@ -77,6 +83,7 @@ class Heartbeat(amp.Command):
         (b"client_id", amp.Unicode()),
         (b"leases", Lines()),
         (b"claims", Rows(optional=True)),
+        (b"claim_wait", amp.Float(optional=True)),
     ]
     response = [(b"statuses", Rows())]
     errors = REQUEST_ERRORS

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from . import commands
 from .errors import BadRequest, Busy, LicenseFileError
 from .records import Lease
-from .server import Claim, LicenseServer
+from .server import MAX_CLAIM_WAIT, Claim, LicenseServer
 
 log = Logger()
 
@@ -26,6 +26,14 @@ MAX_OUTSTANDING = 256
 _BAD_REQUEST = commands.REQUEST_ERRORS[BadRequest]
 _CHECKOUT_ERRORS = commands.Checkout.allErrors
 _CHECKOUT_FATAL = commands.Checkout.fatalErrors
+
+
+def _claim_wait(seconds: float | None) -> float:
+    if seconds is None:
+        return 0.0
+    if not 0.0 <= seconds <= MAX_CLAIM_WAIT:
+        raise BadRequest(f"claim_wait must be between 0 and {MAX_CLAIM_WAIT:g} seconds, got {seconds!r}")
+    return seconds
 
 
 def _claims(rows: list[tuple[str, ...]] | None) -> list[Claim]:
@@ -155,9 +163,9 @@ class ClientLocator(amp.CommandLocator):
         return _checkout_error(failure)
 
     @commands.Heartbeat.responder
-    def heartbeat(self, client_id, leases, claims=None):
+    def heartbeat(self, client_id, leases, claims=None, claim_wait=None):
         async def run() -> dict:
-            rows = await self.server.heartbeat(client_id, leases, _claims(claims))
+            rows = await self.server.heartbeat(client_id, leases, _claims(claims), _claim_wait(claim_wait))
             return {"statuses": rows}
 
         return self._guarded(run())

@@ -18,7 +18,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -45,6 +45,10 @@ MAX_TEXT = 256
 MAX_FEATURE = 64
 MAX_COUNT = 10_000
 MAX_LEASES_PER_CALL = 2000
+MAX_CLAIM_WAIT = 2.0
+"""Seconds a leader holds a heartbeat's claims waiting for seats, at most (Heartbeat.claim_wait)."""
+CLAIM_POLL = 0.05
+"""Seconds between a held claim's attempts: about a local commit, far below a peer heartbeat."""
 EXPIRE_PER_SWEEP = 2000
 """Leases freed per one-second sweep at most, so a mass expiry never stalls the
 reactor for long; the rest go in the next sweeps (later, which is the safe side)."""
@@ -386,12 +390,19 @@ class LicenseServer:
         return min(self.client_heartbeat, feature.lease_ttl / 3)
 
     async def heartbeat(
-        self, client_id: str, lease_ids: Sequence[str], claims: Sequence[Claim] = ()
+        self, client_id: str, lease_ids: Sequence[str], claims: Sequence[Claim] = (),
+        claim_wait: float = 0.0,
     ) -> list[tuple[str, str, float]]:
-        """Renew what this server holds; convert claimed leases it does not hold, if it leads."""
+        """Renew what this server holds; convert claimed leases it does not hold, if it leads.
+
+        A claim the leader cannot convert yet, but will once seats it is
+        moving here arrive, is held up to ``claim_wait`` seconds in all.
+        """
         _text("client_id", client_id)
         if len(lease_ids) + len(claims) > MAX_LEASES_PER_CALL:
             raise BadRequest(f"at most {MAX_LEASES_PER_CALL} leases per heartbeat")
+        if not 0.0 <= claim_wait <= MAX_CLAIM_WAIT:
+            raise BadRequest(f"claim_wait must be between 0 and {MAX_CLAIM_WAIT:g} seconds")
         if not self.serving or self.pool is None:
             raise NotServing(f"server {self.name} is starting up; retry shortly")
         now = self.clock.seconds()
@@ -424,12 +435,35 @@ class LicenseServer:
                 continue
             lease.expires_at = now + feature.lease_ttl
             answers.append((lease_id, commands.RENEWED, feature.lease_ttl))
+        deadline = self.clock.seconds() + claim_wait
         for claim in claims:
-            answers.append(await self._convert(client_id, claim))
+            answers.append(await self._convert(client_id, claim, deadline))
         return answers
 
-    async def _convert(self, client_id: str, claim: Claim) -> tuple[str, str, float]:
-        """F8: issue a claimed lease anew under its own id, if this server leads."""
+    async def _convert(self, client_id: str, claim: Claim, deadline: float) -> tuple[str, str, float]:
+        """F8: issue a claimed lease anew under its own id, if this server leads.
+
+        Until ``deadline``, a claim that only waits for seats the pool moves
+        here, or for this new leader's first commit (NoQuorum), is tried
+        again every CLAIM_POLL: borrowing takes a few peer heartbeats, far
+        less than the retry-after the client would otherwise sleep through.
+        """
+        while True:
+            try:
+                answer, seats_coming = await self._convert_once(client_id, claim)
+            except NoQuorum:
+                if not self._may_hold(deadline) or self.pool is None or self.pool.role != "leader":
+                    raise
+            else:
+                if not seats_coming or not self._may_hold(deadline):
+                    return answer
+            await deferLater(self.clock, CLAIM_POLL)
+
+    def _may_hold(self, deadline: float) -> bool:
+        return self.clock.seconds() + CLAIM_POLL <= deadline
+
+    async def _convert_once(self, client_id: str, claim: Claim) -> tuple[tuple[str, str, float], bool]:
+        """The answer to one claim, and whether the pool is moving seats here for it."""
         assert self.pool is not None
         lease_id, feature_name, version, count, user, host = claim
         check_lease_id(lease_id)
@@ -437,7 +471,7 @@ class LicenseServer:
         held = self.seats.get(lease_id)
         if held is not None:
             if held.client_id != client_id:
-                return (lease_id, commands.LOST, 0.0)
+                return ((lease_id, commands.LOST, 0.0), False)
             # Renewed as in heartbeat(): by the feature the lease was issued
             # for, not the one claimed, and lost (not an error for the whole
             # call) once that feature has left the license or expired.
@@ -446,18 +480,19 @@ class LicenseServer:
             except (UnknownFeature, LicenseExpired):
                 self.seats.release(lease_id)
                 self.forget([lease_id])
-                return (lease_id, commands.LOST, 0.0)
+                return ((lease_id, commands.LOST, 0.0), False)
             self.seats.renew(lease_id, self.clock.seconds() + feature.lease_ttl)
-            return (lease_id, commands.RENEWED, feature.lease_ttl)
+            return ((lease_id, commands.RENEWED, feature.lease_ttl), False)
         if self.pool.role != "leader":
-            return (lease_id, commands.UNKNOWN, 0.0)
+            return ((lease_id, commands.UNKNOWN, 0.0), False)
         try:
             feature = self._serving_feature(feature_name, version)
             self._check_may_issue()
         except (UnknownFeature, LicenseExpired):
-            return (lease_id, commands.LOST, 0.0)
+            return ((lease_id, commands.LOST, 0.0), False)
         except NotServing:
-            return (lease_id, commands.RETRY_AFTER, max(1.0, self.issue_after - self.clock.seconds()))
+            wait = max(1.0, self.issue_after - self.clock.seconds())
+            return ((lease_id, commands.RETRY_AFTER, wait), False)
         now = self.clock.seconds()
         lease = Lease(lease_id, feature_name, version or feature.version, client_id, user, host,
                       count, self.name, now, now + feature.lease_ttl)
@@ -468,15 +503,15 @@ class LicenseServer:
             if wait == 0:
                 # The pool made room just now (seats it keeps for the clients
                 # of a member whose allocation it reclaimed): convert at once.
-                return await self._convert(client_id, claim)
+                return await self._convert_once(client_id, claim)
             if wait is not None:
-                return (lease_id, commands.RETRY_AFTER, wait)
+                return ((lease_id, commands.RETRY_AFTER, wait), True)
             if self._held_elsewhere(feature_name):
-                return (lease_id, commands.UNKNOWN, 0.0)
-            return (lease_id, commands.LOST, 0.0)
+                return ((lease_id, commands.UNKNOWN, 0.0), False)
+            return ((lease_id, commands.LOST, 0.0), False)
         self.pool.lease_adopted(lease)
         log.info("lease {lease_id} of {client_id} converted", lease_id=lease_id, client_id=client_id)
-        return (lease_id, commands.CONVERTED, feature.lease_ttl)
+        return ((lease_id, commands.CONVERTED, feature.lease_ttl), False)
 
     def _held_elsewhere(self, feature: str) -> bool:
         """Whether other members hold seats of ``feature`` (as far as the record knows).

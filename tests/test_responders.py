@@ -183,6 +183,16 @@ def test_heartbeat_with_malformed_claims_is_bad_request(wire: Wire) -> None:
     assert wire.connected
 
 
+def test_heartbeat_claim_wait_on_the_wire(wire: Wire) -> None:
+    """``claim_wait`` is optional; out of range it is a BadRequest that names it."""
+    claim = ("a" * 32, "cad-pro", "2.0", 1, "alice", "ws1")
+    answer = wire.call(commands.Heartbeat, client_id="c1", leases=[], claims=[claim], claim_wait=1.0)
+    assert answer["statuses"] == [("a" * 32, "converted", "30.0")]
+    with pytest.raises(BadRequest, match="claim_wait"):
+        wire.call(commands.Heartbeat, client_id="c1", leases=[], claims=[claim], claim_wait=60.0)
+    assert wire.connected
+
+
 def test_checkin(wire: Wire) -> None:
     """Checkin answers whether this server held the lease; a bad id is BadRequest."""
     lease_id = wire.call(commands.Checkout, **CHECKOUT)["lease_id"]

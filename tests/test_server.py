@@ -560,6 +560,67 @@ def test_claims_during_the_start_up_grace_are_retried(make_solo) -> None:
     assert answers[0][2] == pytest.approx(60.0)
 
 
+def _pending(work) -> list:
+    d = Deferred.fromCoroutine(work)
+    results: list = []
+    d.addBoth(results.append)
+    return results
+
+
+def test_a_held_claim_converts_as_soon_as_seats_arrive(solo: Solo, monkeypatch) -> None:
+    """With ``claim_wait`` the leader answers when the seats it is moving here arrive,
+    not with a retry-after that would cost the client a whole guessed wait."""
+    first = checkout(solo, count=3)
+    monkeypatch.setattr(solo.pool, "retry_after", lambda feature, lease_id=None: 1.2)
+    results = _pending(solo.server.heartbeat("c2", [], [claim("d" * 32)], claim_wait=1.0))
+    solo.clock.advance(0.3)
+    assert results == []
+    resolve(solo.server.checkin(first.lease_id))
+    solo.clock.advance(0.05)
+    assert results == [[("d" * 32, commands.CONVERTED, 30.0)]]
+    assert solo.server.seats.get("d" * 32).client_id == "c2"
+
+
+def test_a_held_claim_answers_retry_after_at_its_deadline(solo: Solo, monkeypatch) -> None:
+    """Held no longer than ``claim_wait``; without it, answered at once as before."""
+    checkout(solo, count=3)
+    monkeypatch.setattr(solo.pool, "retry_after", lambda feature, lease_id=None: 1.2)
+    assert resolve(solo.server.heartbeat("c2", [], [claim("d" * 32)])) == [
+        ("d" * 32, commands.RETRY_AFTER, 1.2)]
+    results = _pending(solo.server.heartbeat("c2", [], [claim("d" * 32), claim("e" * 32)],
+                                             claim_wait=0.5))
+    solo.clock.advance(0.45)
+    assert results == []
+    solo.clock.advance(0.1)
+    assert results == [[("d" * 32, commands.RETRY_AFTER, 1.2), ("e" * 32, commands.RETRY_AFTER, 1.2)]]
+
+
+def test_a_new_leader_holds_claims_until_it_may_issue(solo: Solo, monkeypatch) -> None:
+    """A leader answers NoQuorum until its first entry commits; a held claim waits that out."""
+    check_issue = solo.pool.check_issue
+    ready_at = solo.clock.seconds() + 0.2
+
+    def not_yet(feature) -> None:
+        if solo.clock.seconds() < ready_at:
+            raise NoQuorum("not yet")
+        check_issue(feature)
+
+    monkeypatch.setattr(solo.pool, "check_issue", not_yet)
+    with pytest.raises(NoQuorum):
+        resolve(solo.server.heartbeat("c2", [], [claim("d" * 32)]))
+    results = _pending(solo.server.heartbeat("c2", [], [claim("d" * 32)], claim_wait=1.0))
+    solo.clock.advance(0.15)
+    assert results == []
+    solo.clock.advance(0.1)
+    assert results == [[("d" * 32, commands.CONVERTED, 30.0)]]
+
+
+@pytest.mark.parametrize("wait", [-0.1, 2.5, float("nan")])
+def test_claim_wait_out_of_range_is_a_bad_request(solo: Solo, wait: float) -> None:
+    with pytest.raises(BadRequest, match="claim_wait"):
+        resolve(solo.server.heartbeat("c2", [], [claim("d" * 32)], claim_wait=wait))
+
+
 def test_bad_claims_are_bad_requests(solo: Solo) -> None:
     """A claim with a malformed id or count is refused as a whole request."""
     with pytest.raises(BadRequest):
