@@ -352,6 +352,24 @@ def test_proposals_commit_on_a_majority_and_apply_everywhere() -> None:
     assert histories == {tuple((index, b"e%d" % (index - 2)) for index in range(2, 7))}
 
 
+def test_followers_know_what_a_dead_leader_had_applied() -> None:
+    """The commit a leader sends is at most what it applied: after it dies, the new leader
+    still knows that much (the pool moves seats a shrink took from it without waiting
+    for it to be fenced), while a member that never led is known to have applied nothing."""
+    pool = Pool()
+    old = pool.elect()
+    for number in range(3):
+        results(old.propose(b"e%d" % number))
+    pool.run(0.5)
+    applied = old.last_applied
+    pool.crash(old.name)
+    new = pool.elect()
+    assert new is not old
+    assert new.known_applied(old.name) == applied
+    other = next(name for name in pool.nodes if name != new.name)
+    assert new.known_applied(other) == 0
+
+
 def test_log_repair_after_divergence() -> None:
     """A follower's uncommitted entries from an old term are replaced, in memory and on disk."""
     common = [(1, b"x"), (1, b"y")]

@@ -168,6 +168,7 @@ class RaftNode:
         The pool lets a follower act on its allocation only once it has
         applied this far, so an entry that shrank its allocation is in effect
         before a lease confirmed after that entry's commit is used."""
+        self._applied_by: dict[str, int] = {}
         self._prevoting = False
         self._votes: set[str] = set()
         self._vote_times: dict[str, float] = {}
@@ -293,6 +294,18 @@ class RaftNode:
         if self.role != FOLLOWER or self.leader is None or self._lease_from is None:
             return None
         return self._clock.seconds() - self._lease_from
+
+    def known_applied(self, member: str) -> int:
+        """An index ``member`` has surely applied: the highest commit index it
+        sent us while it led (0 if it never did, since this node started).
+
+        A leader applies each entry as it commits it, before it sends the
+        new commit index, so the commit it sends is at most what it applied.
+        A new leader has no status notes yet from the member it replaced;
+        this tells it that member had applied the entries that shrank its
+        allocation, so moving those seats need not wait for it to be fenced.
+        """
+        return self._applied_by.get(member, 0)
 
     def acked_within(self, peer: str) -> float | None:
         """Leader: our clock when we sent the latest message ``peer`` acknowledged."""
@@ -461,6 +474,8 @@ class RaftNode:
             return
         self._note_lease(request.lease_from)
         self.leader_commit = max(self.leader_commit, request.commit)
+        if request.commit > self._applied_by.get(sender, 0):
+            self._applied_by[sender] = request.commit
         entries = request.entries
         prev_index = request.prev_index
         last_new = request.prev_index + len(request.entries)

@@ -85,6 +85,8 @@ class SeatSteward:
         """Leader: seats reclaimed and not yet handed out, to keep once they come here."""
         self._claims: dict[str, dict[str, float]] = {}
         """Leader: feature -> lease id -> when a claim for it last had to wait for seats."""
+        self._evened_at: dict[str, float] = {}
+        """Leader: feature -> when it last asked a member to pledge free seats to even them out."""
 
     def _fenced(self, member: str) -> bool:
         return self._clock.seconds() >= self._fenced_at(member)
@@ -296,7 +298,7 @@ class SeatSteward:
         may still serve one without majority rule from its old allocation.
         """
         note = self._notes.get(member)
-        settled = note[1].last_applied if note else 0
+        settled = max(note[1].last_applied if note else 0, self._node.known_applied(member))
         if settled >= self._record.shrinks.get(feature.name, {}).get(member, 0):
             return True
         return bool(feature.majority_rule) and self._fenced(member)
@@ -317,6 +319,7 @@ class SeatSteward:
             self._give_unassigned(feature)
             self._move_pledges(name)
             self._ask_donors(name)
+            self._even_out(name)
 
     def _reclaim(self, feature: Any) -> bool:
         """Take the allocation of one fenced member, if any; True if a change was proposed.
@@ -353,9 +356,61 @@ class SeatSteward:
         return d
 
     def _receiver(self, feature: str) -> str:
-        """Who gets free seats: the reachable member that asked for most, else this leader."""
+        """Who gets free seats: the reachable member that asked for most, else the one
+        with the fewest free seats (this leader among equals)."""
         wanted = self._wants(feature)
-        return max(wanted, key=lambda m: (wanted[m], m)) if wanted else self._name
+        if wanted:
+            return max(wanted, key=lambda m: (wanted[m], m))
+        free = self._free_seats(feature)
+        return min(free, key=lambda m: (free[m], m != self._name, m))
+
+    def _free_seats(self, feature: str) -> dict[str, int]:
+        """Reachable members' free seats of ``feature``: this member's as its seat table
+        has them (less what it keeps or pledged), the others' as the record has them."""
+        reachable = self._node.reachable(self._timings.election_timeout)
+        free = {}
+        for member in self._members:
+            if member == self._name:
+                free[member] = self._seats.free(feature)
+            elif member in reachable:
+                free[member] = self._record.allocation(feature, member) - self._record.used(feature, member)
+        return free
+
+    def _even_out(self, feature: str) -> None:
+        """Leader, while nobody asks for seats: move free seats from the member that has
+        most to the one that has fewest, half the difference at a time.
+
+        Seats a dead member held free can only be reclaimed once it is
+        surely fenced (``allocation_lease`` and drift, 2.2 s by default), so
+        its clients' claims wait that long if the survivors have no free
+        seat. Free seats gather where leases were checked in or reclaimed
+        (the leader, mostly); spread out, a survivor has room for the claims
+        at once. Only where the difference matters (more than twice the
+        fewest plus one), once per two status reports, and not while seats
+        are kept for claims or a pledge is outstanding, so it never churns.
+        """
+        now = self._clock.seconds()
+        if (self._wants(feature) or self._kept_seats(feature) or self._to_keep.get(feature)
+                or self._record.unassigned(feature) > 0
+                or now - self._evened_at.get(feature, float("-inf")) < 2 * self._timings.status_report):
+            return
+        free = self._free_seats(feature)
+        if len(free) < 2 or self.pledges.get(feature) or any(
+                note.pledges.get(feature) for member, (_, note) in self._notes.items() if member in free):
+            return
+        donor = max(free, key=lambda m: (free[m], m == self._name, m))
+        receiver = min(free, key=lambda m: (free[m], m != self._name, m))
+        gap = free[donor] - free[receiver]
+        if gap < 2 or free[donor] <= 2 * free[receiver] + 1:
+            return
+        self._evened_at[feature] = now
+        give = gap // 2
+        log.debug("evening out free seats of {feature}: {donor} pledges {n} for {receiver}",
+                  feature=feature, donor=donor, n=give, receiver=receiver)
+        if donor == self._name:
+            self.pledge(feature, give)
+        else:
+            self._network.send(donor, PledgeRequest(feature, give))
 
     def _granted(self, feature: str, member: str, seats: int) -> None:
         wanted = self._wanted.get(feature, {})
