@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 
 from . import commands
 from .errors import BadRequest, LicensingError, NoQuorum, NoSeats, NotServing, RequestError
+from .quiet_amp import QuietAMP
 
 log = Logger()
 
@@ -578,7 +579,7 @@ class LicenseClient:
         self._connections.clear()
 
 
-class _Connection(amp.AMP):
+class _Connection(QuietAMP):
     """A connection to one member that tells the client when it goes."""
 
     def __init__(self, client: LicenseClient, name: str) -> None:

@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 
 from . import commands
 from .errors import BadRequest, Busy, LicenseFileError
+from .quiet_amp import QuietAMP
 from .records import Lease
 from .server import MAX_CLAIM_WAIT, Claim, LicenseServer
 
@@ -219,7 +220,7 @@ def _checkout_error(failure: Failure) -> Failure:
     ))
 
 
-class ClientConnection(amp.AMP):
+class ClientConnection(QuietAMP):
     """One client program's connection."""
 
     def __init__(self, server: LicenseServer, factory: ClientFactory) -> None:

@@ -286,6 +286,26 @@ def test_connection_limit(solo: Solo) -> None:
     assert connect(solo, factory).call(commands.Locate)["server"] == "ls1"
 
 
+def test_connections_come_and_go_without_info_lines(solo: Solo) -> None:
+    """Two info lines per connection cost a seventh of a member's CPU in a reconnection
+    storm: the server's client connections log them at debug level only."""
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        factory = ClientFactory(solo.server)
+        wire = connect(solo, factory)
+        assert wire.call(commands.Locate)["server"] == "ls1"
+        wire.client.transport.loseConnection()
+        wire.pump.flush()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert factory.connections == 0
+    server_side = [e for e in events if "ClientConnection" in str(e.get("cls", ""))]
+    assert server_side and all(e["log_level"] == LogLevel.debug for e in server_side)
+
+
 # -- junk: nothing a client sends may crash the server or drop the link -----------------
 
 _junk_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=80)
