@@ -88,6 +88,12 @@ TARGETS = [
         lambda f: f"{f.value:.0f} B/lease",
     ),
     Target(
+        "scale.bytes_per_pool_lease",
+        "resident memory per lease per member of a 3-member pool <= 1 KiB",
+        lambda f: f.value is not None and f.value <= 1024,
+        lambda f: f"{f.value:.0f} B/lease",
+    ),
+    Target(
         "failover.half.renewed.median",
         "failover, pool half full: clients of the killed leader renewed/converted, median <= 2 s",
         lambda f: f.value is not None and f.value <= 2.0,

@@ -179,6 +179,14 @@ def figures_of(s: ScaleSettings, members: list[Target], result: dict[str, Any], 
         Figure("scale", "scale.errors", "heartbeat errors and leases not renewed", "count", float(errors),
                better="lower", note=str(hold["errors"]) if errors else "none"),
     ]
+    growth = [hold["server_rss_start_by_target"][i] - fill["server_rss_start_by_target"][i]
+              for i in range(len(members))]
+    worst = max(range(len(members)), key=lambda i: growth[i])
+    figures.append(Figure(
+        "scale", "scale.bytes_per_pool_lease", "resident memory per lease of the pool, worst member", "B",
+        _per(growth[worst], held), better="lower",
+        note=f"{members[worst].server_name}: {growth[worst] / MIB:.0f} MiB for the {held:,} leases the "
+        f"pool holds (its record lists them all, its seat table its own third)"))
     base_cpu = base.get("server_cpu_us_per_item")
     for i, member in enumerate(members):
         name = member.server_name
