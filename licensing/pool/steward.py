@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+MIN_EVEN_OUT = 2
+"""Seats one evening-out move gives at least: moving single seats around a small pool
+buys no failover time and costs two log entries each."""
+
 
 class SeatSteward:
     """One member's part in moving seats: the leader's decisions, every member's pledges.
@@ -385,8 +389,9 @@ class SeatSteward:
         its clients' claims wait that long if the survivors have no free
         seat. Free seats gather where leases were checked in or reclaimed
         (the leader, mostly); spread out, a survivor has room for the claims
-        at once. Only where the difference matters (more than twice the
-        fewest plus one), once per two status reports, and not while seats
+        at once. Only where the difference matters (at least
+        2 * MIN_EVEN_OUT, and more than twice the fewest plus one), once per
+        two status reports, and not while seats
         are kept for claims or a pledge is outstanding, so it never churns.
         """
         now = self._clock.seconds()
@@ -401,7 +406,7 @@ class SeatSteward:
         donor = max(free, key=lambda m: (free[m], m == self._name, m))
         receiver = min(free, key=lambda m: (free[m], m != self._name, m))
         gap = free[donor] - free[receiver]
-        if gap < 2 or free[donor] <= 2 * free[receiver] + 1:
+        if gap < 2 * MIN_EVEN_OUT or free[donor] <= 2 * free[receiver] + 1:
             return
         self._evened_at[feature] = now
         give = gap // 2
