@@ -141,6 +141,10 @@ REGRESSIONS = [
     # raft liveness (harness now counts both ends of a blocked link as faulty): a leader that
     # receives from all but reaches one follower is never deposed.
     pytest.param(155, 5, CI, None, id="seed155-nodes5-minority-one-way-leader"),
+    # pool: evening out moved single seats around an 8-seat pool; the new leader borrowed
+    # the seats a handed-over leader had taken for itself from a member that was then cut
+    # off, and a claim outlived its TTL (soak profile; evening out now moves two or more).
+    pytest.param(521, 5, SOAK, None, id="seed521-nodes5-minority-soak-even-out-single-seats"),
 ]
 
 
