@@ -63,7 +63,10 @@ class RecordLease(NamedTuple):
         """From a snapshot: the fields after ``lease_id`` in order, or a dict (older snapshots)."""
         if isinstance(value, dict):
             return cls.from_doc({**value, "lease_id": lease_id}, value["server"])
-        return cls.from_doc(dict(zip(LEASE_FIELDS, [lease_id, *value])), value[-1])
+        feature, version, client_id, user, host, count, server = value
+        intern = sys.intern
+        return cls(str(lease_id), intern(feature), intern(version), intern(client_id), intern(user),
+                   intern(host), int(count), intern(server))
 
     def snapshot_value(self) -> list[Any]:
         """What :meth:`from_snapshot` reads back: the fields after ``lease_id``."""
