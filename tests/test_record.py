@@ -193,3 +193,42 @@ def test_garbage_entry_is_skipped(vendor):
     rec.apply(2, b'{"t": "nonsense"}')
     assert rec.applied == 2
     assert rec.license is None
+
+
+def test_highest_since_bounds_what_a_member_may_act_on(vendor):
+    """The leader may hand out seats above the highest allocation a member had since the
+    last entry it is known to have applied: that member acts on no more than that."""
+    rec = make_record(vendor)
+    rec.apply(1, entries.license_entry(1, signed(vendor, 1, count=10)))
+    start = rec.allocation("cad-pro", "ls2")
+    ls1 = rec.allocation("cad-pro", "ls1")
+    rec.apply(2, entries.allocation_entry("cad-pro", {"ls2": start + 2, "ls1": ls1 - 2}))
+    rec.apply(3, entries.allocation_entry("cad-pro", {"ls2": 1}))
+    assert rec.allocation("cad-pro", "ls2") == 1
+    assert rec.highest_since("cad-pro", "ls2", 0) == start + 2
+    assert rec.highest_since("cad-pro", "ls2", 1) == start + 2
+    assert rec.highest_since("cad-pro", "ls2", 2) == start + 2
+    assert rec.highest_since("cad-pro", "ls2", 3) == 1
+    assert rec.highest_since("cad-pro", "ls3", 0) == rec.allocation("cad-pro", "ls3")
+
+
+def test_highest_since_is_unknown_before_a_restored_snapshot(vendor):
+    """A restored record has no history before its snapshot: unknown, so the leader waits."""
+    rec = make_record(vendor)
+    rec.apply(1, entries.license_entry(1, signed(vendor, 1, count=10)))
+    rec.apply(2, entries.allocation_entry("cad-pro", {"ls2": 0}))
+    copy = make_record(vendor)
+    copy.restore(rec.snapshot())
+    assert copy.highest_since("cad-pro", "ls2", 1) is None
+    assert copy.highest_since("cad-pro", "ls2", 2) == 0
+    copy.apply(3, entries.allocation_entry("cad-pro", {"ls2": 2}))
+    assert copy.highest_since("cad-pro", "ls2", 2) == 2
+
+
+def test_highest_since_is_unknown_past_the_history_it_keeps(vendor):
+    rec = make_record(vendor)
+    rec.apply(1, entries.license_entry(1, signed(vendor, 1, count=10)))
+    for index in range(2, 2 + entries.HISTORY + 1):
+        rec.apply(index, entries.allocation_entry("cad-pro", {"ls2": index % 2}))
+    assert rec.highest_since("cad-pro", "ls2", 1) is None
+    assert rec.highest_since("cad-pro", "ls2", index - 1) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import sys
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -29,6 +30,9 @@ REPORT = "report"
 ADOPT = "adopt"
 APPLIED = "applied"
 """Observers hear this after every entry and snapshot, with the index now applied."""
+
+HISTORY = 64
+"""Allocation changes remembered per feature and member, for ``highest_since``."""
 
 LEASE_FIELDS = ("lease_id", "feature", "version", "client_id", "user", "host", "count", "server")
 
@@ -123,6 +127,10 @@ class Record:
         """feature -> member -> index of the last entry that lowered that allocation."""
         self.changes: dict[str, dict[str, int]] = {}
         """feature -> member -> index of the last entry that changed that allocation."""
+        self._history: dict[tuple[str, str], deque[tuple[int, int]]] = {}
+        """(feature, member) -> the latest (index, allocation after it) changes, oldest first."""
+        self._history_from = 0
+        """Changes before this index may be missing from the history (a restored snapshot)."""
         self.observers: list[Callable[[str, Any], None]] = []
 
     @property
@@ -195,6 +203,10 @@ class Record:
                     self.shrinks.setdefault(feature, {})[member] = index
                 if seats != old.get(member, 0):
                     self.changes.setdefault(feature, {})[member] = index
+                    history = self._history.get((feature, member))
+                    if history is None:
+                        history = self._history[(feature, member)] = deque(maxlen=HISTORY)
+                    history.append((index, seats))
 
     def _apply_license(self, doc: dict[str, Any]) -> int:
         sequence = int(doc["seq"])
@@ -274,6 +286,30 @@ class Record:
         self._put(lease)
         self._notify(ADOPT, lease)
 
+    def highest_since(self, feature: str, member: str, applied: int) -> int | None:
+        """The most seats of ``feature`` that ``member`` may act on if it has applied
+        ``applied``: its allocation at that index or after; None if that is not known.
+
+        A member acts on the allocation of the last entry it applied, which
+        only moves forward (after a restart it applies up to a commit the
+        leader confirmed before it acts). While it has not yet applied a
+        shrink, the leader can still hand out the seats above this bound.
+        """
+        history = self._history.get((feature, member), ())
+        highest = self.allocation(feature, member)
+        at_applied: int | None = None
+        for index, seats in reversed(history):
+            if index <= applied:
+                at_applied = seats
+                break
+            highest = max(highest, seats)
+        if at_applied is None:
+            full = history.maxlen is not None and len(history) == history.maxlen
+            if applied < self._history_from or full:
+                return None
+            at_applied = 0
+        return max(highest, at_applied)
+
     def unassigned(self, feature: str) -> int:
         """Seats of ``feature`` that no member's allocation holds (reclaimed, not yet given)."""
         if self.license is None or self.license.feature(feature) is None:
@@ -302,6 +338,9 @@ class Record:
         self.shrunk_at = dict(doc.get("shrunk_at", {}))
         self.shrinks = {f: dict(v) for f, v in doc.get("shrinks", {}).items()}
         self.changes = {f: dict(v) for f, v in doc.get("changes", {}).items()}
+        self._history_from = self.applied
+        self._history = {(f, m): deque([(self.applied, shares.get(m, 0))], maxlen=HISTORY)
+                         for f, shares in self.allocations.items() for m in self.members}
         self.license = self.license_data = None
         if doc["license"]:
             raw = base64.b64decode(doc["license"])

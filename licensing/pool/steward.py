@@ -177,11 +177,18 @@ class SeatSteward:
         Only while the record lists leases of a member whose allocation was
         reclaimed, not for the whole time seats are kept (one lease TTL):
         a failed member that held no leases must not stop a hand-over.
+        Also while claims here wait for seats on their way: a hand-over
+        makes them start over at the next leader (seat soak seed 1108).
         """
-        if any(self._to_keep.values()):
+        if any(self._to_keep.values()) or self._claims_waiting():
             return True
         return any(self._kept_seats(feature) and self._unclaimed(feature)
                    for feature in list(self._kept))
+
+    def _claims_waiting(self) -> bool:
+        now = self._clock.seconds()
+        window = 3 * self._timings.status_report
+        return any(now - when <= window for waiting in self._claims.values() for when in waiting.values())
 
     def _unclaimed(self, feature: str) -> bool:
         record = self._record
@@ -295,17 +302,37 @@ class SeatSteward:
 
     # -- the leader's rounds -----------------------------------------------------
 
-    def _safe(self, member: str, feature: Any) -> bool:
-        """Leader: ``member`` no longer acts on seats of ``feature`` that an entry took from it.
+    def _bound(self, member: str, feature: Any) -> int | None:
+        """Leader: the most seats of ``feature`` that ``member`` may still act on; None if unknown.
 
-        A fenced member does not act on majority-rule features at all; it
-        may still serve one without majority rule from its old allocation.
+        Its allocation in the record once it has applied the last entry that
+        lowered it, or is fenced (a fenced member does not act on majority-
+        rule features at all; it may still serve one without majority rule
+        from an old allocation). Otherwise the highest allocation it has had
+        since the last entry it is known to have applied.
         """
+        name = feature.name
+        if member == self._name:
+            return self._record.allocation(name, member)
         note = self._notes.get(member)
         settled = max(note[1].last_applied if note else 0, self._node.known_applied(member))
-        if settled >= self._record.shrinks.get(feature.name, {}).get(member, 0):
-            return True
-        return bool(feature.majority_rule) and self._fenced(member)
+        if settled >= self._record.shrinks.get(name, {}).get(member, 0) or (
+                feature.majority_rule and self._fenced(member)):
+            return self._record.allocation(name, member)
+        return self._record.highest_since(name, member, settled)
+
+    def _givable(self, feature: Any) -> int:
+        """Leader: unassigned seats no member can be acting on, so they may be handed out.
+
+        Members that have not yet applied an entry that took seats from them
+        hold back only the seats above their allocation then, not every
+        unassigned seat: a member slow to confirm (a lossy link) no longer
+        stalls the seats other members gave up (seat soak seed 1108).
+        """
+        bounds = [self._bound(member, feature) for member in self._members]
+        if any(b is None for b in bounds):
+            return 0
+        return min(self._record.unassigned(feature.name), feature.count - sum(bounds))  # type: ignore[arg-type]
 
     def step(self) -> None:
         """Leader, every peer heartbeat: reclaim from fenced members, move pledged and free seats."""
@@ -427,14 +454,13 @@ class SeatSteward:
                 del wanted[member]
 
     def _give_unassigned(self, feature: Any) -> None:
-        """Hand free seats out, once every member they were taken from has stopped using them.
+        """Hand free seats out, those that no member they were taken from can still be using.
 
         Seats reclaimed from a fenced member come to this leader, kept for claims.
         """
         name = feature.name
-        free = self._record.unassigned(name)
-        if free <= 0 or not all(self._safe(m, feature) for m in self._members
-                                if m != self._name):
+        free = self._givable(feature)
+        if free <= 0:
             return
         keep, left = [], free
         for n, until in self._to_keep.pop(name, []):
