@@ -53,7 +53,8 @@ class Member(amp.CommandLocator):
         return {"lease_id": LEASE, "server": self.name, "ttl": 15.0, "heartbeat": 1.0}
 
     @commands.Heartbeat.responder
-    def heartbeat(self, client_id: str, leases: list[str], claims: Any = None) -> dict[str, Any]:
+    def heartbeat(self, client_id: str, leases: list[str], claims: Any = None,
+                  claim_wait: float | None = None) -> dict[str, Any]:
         ids = [(x, False) for x in leases] + [(c[0], True) for c in claims or []]
         self.calls.append(("heartbeat", ids))
         if self.no_quorum:
