@@ -46,7 +46,7 @@ class BareLocator(amp.CommandLocator):
         return {"lease_id": os.urandom(16).hex(), "server": self.name, "ttl": TTL, "heartbeat": HEARTBEAT}
 
     @commands.Heartbeat.responder
-    def heartbeat(self, client_id, leases, claims=None):
+    def heartbeat(self, client_id, leases, claims=None, claim_wait=None):
         return {"statuses": [(lease_id, commands.RENEWED, TTL) for lease_id in leases]}
 
     @commands.Checkin.responder

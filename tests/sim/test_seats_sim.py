@@ -238,3 +238,31 @@ def test_free_seats_spread_back_to_a_restarted_member(seed: int) -> None:
     shares = {name: record.allocation(MAJORITY, name) for name in cluster.names}
     assert sum(shares.values()) == 9
     assert max(shares.values()) - min(shares.values()) <= 1, shares
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_shrunk_member_tells_the_leader_at_once(seed: int) -> None:
+    """A member that applied an entry shrinking its allocation sends its note to the leader
+    right away: the leader hands the seats on only once it knows, and waiting for the next
+    status report added up to a second to every move (borrowing for claims included)."""
+    import dataclasses
+
+    from .seats import MAJORITY
+
+    config = dataclasses.replace(make_seat_config(seed, 3, "any"), clients=0, majority_count=9,
+                                 preference=None)
+    cluster = SeatCluster(config)
+    cluster.run(8.0)
+    leader = cluster.leaders()[0]
+    giver = next(m for m in cluster.members.values() if m is not leader)
+    before = giver.pool.record.shrunk_at.get(giver.name, 0)
+    giver.pool.steward.pledge(MAJORITY, 1)
+    for _ in range(200):
+        cluster.run(0.01)
+        shrunk = giver.pool.record.shrunk_at.get(giver.name, 0)
+        if shrunk > before:
+            break
+    assert shrunk > before
+    cluster.run(0.1)
+    cluster.check()
+    assert leader.pool.steward._notes[giver.name][1].last_applied >= shrunk
