@@ -263,7 +263,7 @@ class SeatSteward:
         before = self._wants(feature).get(member, 0)
         wanted[member] = (max(before, count), self._clock.seconds())
 
-    def _wants(self, feature: str) -> dict[str, int]:
+    def _wants(self, feature: str, within: float | None = None) -> dict[str, int]:
         """Seats reachable members asked for lately.
 
         A member asks again while its checkouts keep failing; an old request
@@ -272,7 +272,7 @@ class SeatSteward:
         need them now (the leader itself, for claims).
         """
         now = self._clock.seconds()
-        window = 3 * self._timings.status_report
+        window = 3 * self._timings.status_report if within is None else within
         reachable = self._node.reachable(self._timings.election_timeout)
         return {m: n for m, (n, when) in (self._wanted.get(feature) or {}).items()
                 if now - when <= window and m in reachable}
@@ -418,13 +418,14 @@ class SeatSteward:
         (the leader, mostly); spread out, a survivor has room for the claims
         at once. Only where the difference matters (at least
         2 * MIN_EVEN_OUT, and more than twice the fewest plus one), once per
-        two status reports, and not while seats
+        status report, not within a status report of a request for seats, and not while seats
         are kept for claims or a pledge is outstanding, so it never churns.
         """
         now = self._clock.seconds()
-        if (self._wants(feature) or self._kept_seats(feature) or self._to_keep.get(feature)
+        report = self._timings.status_report
+        if (self._wants(feature, within=report) or self._kept_seats(feature) or self._to_keep.get(feature)
                 or self._record.unassigned(feature) > 0
-                or now - self._evened_at.get(feature, float("-inf")) < 2 * self._timings.status_report):
+                or now - self._evened_at.get(feature, float("-inf")) < report):
             return
         free = self._free_seats(feature)
         if len(free) < 2 or self.pledges.get(feature) or any(
