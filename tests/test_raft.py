@@ -420,6 +420,20 @@ def test_follower_commits_only_what_the_leader_vouched_for() -> None:
     assert pool.machines["b"].history == [(1, b"x"), (2, b"y")]
 
 
+def test_a_heartbeat_vouches_for_the_entries_of_its_own_term_already_held() -> None:
+    """A heartbeat sent while the follower's acknowledgement of the last batch was in
+    flight names a commit beyond its empty entries: entries the follower holds from that
+    leader's term are the leader's, so they commit. Regression (pool-checkout benchmark):
+    followers under load lagged the commit they were told and answered NoQuorum."""
+    pool = Pool(stores={"b": preload([(1, b"x"), (2, b"y"), (2, b"z")], term=2)},  # type: ignore[arg-type]
+                start=["b"])
+    follower = pool.nodes["b"]
+    follower.receive("a", AppendEntries(2, 1, 1, (), 3, 0.0))
+    assert follower.commit_index == 3
+    assert follower.leader_commit == 3
+    assert pool.machines["b"].history == [(1, b"x"), (2, b"y"), (3, b"z")]
+
+
 def test_entries_are_durable_before_they_are_acknowledged() -> None:
     """A follower answers AppendEntries only once its store has the entries."""
     store = HeldStore()

@@ -491,13 +491,30 @@ class RaftNode:
             return
         if not self._store_entries(entries):
             return
-        new_commit = min(request.commit, last_new)
+        new_commit = min(request.commit, self._vouched_end(request.term, last_new))
         if new_commit > self.commit_index:
             self.commit_index = new_commit
             self._apply_committed()
         match = max(last_new, self._log.snapshot_index)
         self._send(sender, AppendReply(self.term, True, match, 0, 0,
                                        request.sent_at, request.peer_time, now))
+
+    def _vouched_end(self, term: int, last_new: int) -> int:
+        """The last index of ours that this AppendEntries vouches for.
+
+        Raft commits up to the last entry of the message at most. But entries
+        we already hold from the sender's own term are the leader's entries
+        too (a leader never rewrites its term's entries, and log matching
+        holds below them), so they count: a heartbeat sent while our
+        acknowledgement of its last batch was in flight carries a commit
+        index beyond its (empty) entries, and the pool lets a follower act
+        only once it applied the commit the leader last told it. Without
+        this, followers under steady load answered NoQuorum between batches.
+        """
+        last = self._log.last_index
+        if last > last_new and self._log.term_at(last) == term:
+            return last
+        return last_new
 
     def _on_append_reply(self, sender: str, reply: AppendReply) -> None:
         if reply.term > self.term:
