@@ -113,6 +113,14 @@ def acting(doc: dict[str, Any] | None, feature: str = FEATURE) -> bool:
     return doc is not None and any(f["name"] == feature and f["acting"] for f in doc["features"])
 
 
+def seats_of(doc: dict[str, Any] | None, feature: str = FEATURE) -> dict[str, dict[str, int]]:
+    """member -> {"allocation", "used"} of ``feature`` in a member's status; empty if it has none."""
+    for f in (doc or {}).get("features", []):
+        if f["name"] == feature:
+            return {m: {"allocation": u["allocation"], "used": u["used"]} for m, u in f["members"].items()}
+    return {}
+
+
 # -- the observer ----------------------------------------------------------------
 
 
@@ -284,6 +292,9 @@ class Repetition:
     at: float = 0.0
     survivors_leases: dict[str, str] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)
+    seats_at_kill: dict[str, dict[str, int]] = field(default_factory=dict)
+    """The killed leader's view of ``FEATURE`` just before the kill: member -> allocation and used.
+    Where the free seats were decides whether the claims can be served before the reclaim."""
 
 
 class Failover:
@@ -366,6 +377,7 @@ class Failover:
                          survivors_leases={k: v for k, v in leases.items() if v != leader},
                          phases=phases)
 
+        rep.seats_at_kill = seats_of(fetch(self.box, leader))
         killed_at = time.time()
         rep.at = killed_at
         self.box.kill(leader)
@@ -421,7 +433,8 @@ class Failover:
             f"its leases renewed/converted after {_s(rep.renewed_s)} ({rep.converted} converted), "
             f"all honoured after {_s(rep.honoured_s)}, checkouts after {_s(rep.checkout_s)} "
             f"({rep.checkout_failures} failed), excess {rep.excess}, lost {rep.lost}; "
-            f"place {phases['place']:.1f} s, steady {phases['steady']:.1f} s")
+            f"place {phases['place']:.1f} s, steady {phases['steady']:.1f} s; free seats at the kill: "
+            + ", ".join(f"{m} {u['allocation'] - u['used']}" for m, u in sorted(rep.seats_at_kill.items())))
         restarting = time.monotonic()
         self.bench.start_member(self.box, leader, wait=True)
         phases["restart"] = time.monotonic() - restarting

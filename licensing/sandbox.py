@@ -79,8 +79,13 @@ class Sandbox:
     def start(self, name: str, wait: float = 20.0, licensed: bool = True) -> subprocess.Popen:
         """Start member ``name`` as a real ``twistd`` process and wait until it serves."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen(self.command(name), cwd=self.root, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        (self.root / "logs").mkdir(exist_ok=True)
+        # twistd reports what stops it before its log opens (a config error,
+        # no plugin named licensing) on its stdout and stderr; a file, not a
+        # pipe, so that nobody has to keep reading it.
+        with self.console_path(name).open("ab") as console:
+            proc = subprocess.Popen(self.command(name), cwd=self.root, env=env,
+                                    stdout=console, stderr=console)
         self.processes[name] = proc
         if wait:
             try:
@@ -105,12 +110,18 @@ class Sandbox:
         while time.monotonic() < deadline:
             proc = self.processes.get(name)
             if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}: {self.log(name)[-2000:]}")
+                said = self.console_path(name).read_text(errors="replace")
+                raise RuntimeError(f"{name} exited with {proc.returncode}: "
+                                   f"{self.log(name)[-2000:]}{said[-2000:]}")
             doc = self.status(name, timeout=0.5)
             if doc is not None and doc["serving"] and (doc["license"] or not licensed):
                 return doc
             time.sleep(0.05)
         raise TimeoutError(f"{name} did not start serving within {timeout} s: {self.log(name)[-2000:]}")
+
+    def console_path(self, name: str) -> Path:
+        """Where member ``name``'s stdout and stderr go."""
+        return self.root / "logs" / f"{name}.console"
 
     def log(self, name: str) -> str:
         path = self.root / "logs" / f"{name}.log"
@@ -128,8 +139,6 @@ class Sandbox:
             proc.kill()
         if proc is not None:
             proc.wait(10)
-            if proc.stderr:
-                proc.stderr.close()
 
     def stop(self, name: str, timeout: float = 10.0) -> int | None:
         """SIGTERM the member and wait for a clean exit (SIGKILL after ``timeout``)."""
@@ -144,8 +153,6 @@ class Sandbox:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
-        if proc.stderr:
-            proc.stderr.close()
         return proc.returncode
 
     def stop_all(self) -> None:

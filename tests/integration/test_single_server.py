@@ -314,6 +314,19 @@ def test_license_install_into_a_stopped_store(sandbox) -> None:
     assert box.status("ls1")["license"]["sequence"] == 5
 
 
+def test_a_member_that_cannot_start_says_why(sandbox) -> None:
+    """A config error stops twistd before its log opens: the sandbox's error carries what
+    twistd wrote on stderr, naming the file, section and key, and no store is created."""
+    box = sandbox()
+    box.ini.write_text(box.ini.read_text().replace("preference = 1", "preference = first"))
+    with pytest.raises(RuntimeError) as caught:
+        box.start("ls1")
+    message = str(caught.value)
+    assert "ls1 exited with 1" in message
+    assert str(box.ini) in message and "[server:ls1]" in message and "preference" in message
+    assert not (box.root / "data" / "ls1.db").exists()
+
+
 @pytest_twisted.ensureDeferred
 async def test_tampered_license_on_a_fresh_server(sandbox, clients) -> None:
     """With only a tampered license the server starts, logs why, and issues nothing."""
