@@ -7,6 +7,7 @@ traceback: the tool is used from shell scripts and by operators at 3 a.m.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 from collections.abc import Sequence
@@ -141,13 +142,16 @@ def _cmd_license_sign(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_license_verify(args: argparse.Namespace) -> int:
-    import datetime
+def _utc_today() -> datetime.date:
+    """The date a member judges expiry by (UTC), so that verify and install agree with it."""
+    return datetime.datetime.now(datetime.UTC).date()
 
+
+def _cmd_license_verify(args: argparse.Namespace) -> int:
     from .license import verify_license
     from .vendor import load_public_key
 
-    lic = verify_license(_read(args.file), load_public_key(args.pub), today=datetime.date.today())
+    lic = verify_license(_read(args.file), load_public_key(args.pub), today=_utc_today())
     print(f"{args.file}: valid, sequence {lic.sequence}, {len(lic.features)} feature(s)")
     return 0
 
@@ -205,7 +209,9 @@ def _cmd_license_install(args: argparse.Namespace) -> int:
         from .store import open_store
         from .vendor import load_public_key
 
-        lic = verify_license(data, load_public_key(settings.vendor_key))
+        # Refused as the running pool refuses it on push: installed, it would
+        # only make the member serve nothing once it starts.
+        lic = verify_license(data, load_public_key(settings.vendor_key), today=_utc_today())
         if member.store.kind != "sqlite":
             raise LicensingError(f"member {member.name} has a {member.store.kind} store; "
                                  "only a sqlite store keeps an installed license")

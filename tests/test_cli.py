@@ -218,3 +218,19 @@ def test_format_status_without_a_license(make_solo) -> None:
 
     s = make_solo(license=b"")
     assert format_status(s.server.status()).splitlines()[1] == "no license installed"
+
+
+def test_license_install_refuses_an_expired_file(tmp_path: Path) -> None:
+    """install judges expiry as the running pool does on push: a file whose every feature has
+    expired is refused in one line, and the member's store is not even created."""
+    from licensing.sandbox import make_sandbox
+
+    box = make_sandbox(tmp_path, ("ls1",), store="sqlite")
+    expired = {name: {**f, "expires": "2020-01-31"} for name, f in FEATURES.items()}
+    result = subprocess.run([*LICENSECTL, "--config", str(box.ini), "license", "install", "--name", "ls1",
+                             str(box.sign(9, expired, name="expired.lic"))],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1 and result.stdout == ""
+    message = one_error_line(result.returncode, result.stderr)
+    assert "every feature has expired" in message and "2020-01-31" in message
+    assert not (tmp_path / "data" / "ls1.db").exists()
