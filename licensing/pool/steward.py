@@ -418,12 +418,19 @@ class SeatSteward:
         (the leader, mostly); spread out, a survivor has room for the claims
         at once. Only where the difference matters (at least
         2 * MIN_EVEN_OUT, and more than twice the fewest plus one), once per
-        status report, not within a status report of a request for seats, and not while seats
-        are kept for claims or a pledge is outstanding, so it never churns.
+        status report, not within a status report of a request for seats, and not while a
+        pledge is outstanding, so it never churns. Not while claims may still need the
+        leader's free seats either: while a reclaim is on its way, claims wait, or the
+        record lists leases of a reclaimed member. Seats kept for claims are not free
+        seats and stay kept; they no longer hold the others back for a whole lease
+        TTL once nothing is left to claim (failover benchmark: the leader that had
+        reclaimed the last leader's seats held every free seat when it was killed in
+        turn).
         """
         now = self._clock.seconds()
         report = self._timings.status_report
-        if (self._wants(feature, within=report) or self._kept_seats(feature) or self._to_keep.get(feature)
+        if (self._wants(feature, within=report) or self._to_keep.get(feature)
+                or self._claims_waiting() or (self._kept_seats(feature) and self._unclaimed(feature))
                 or self._record.unassigned(feature) > 0
                 or now - self._evened_at.get(feature, float("-inf")) < report):
             return

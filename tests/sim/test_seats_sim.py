@@ -266,3 +266,37 @@ def test_a_shrunk_member_tells_the_leader_at_once(seed: int) -> None:
     cluster.run(0.1)
     cluster.check()
     assert leader.pool.steward._notes[giver.name][1].last_applied >= shrunk
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_free_seats_spread_while_reclaimed_seats_are_kept(seed: int) -> None:
+    """Seats the leader keeps for a failed member's claims (one lease TTL) do not stop the
+    leader's ordinary free seats from spreading out, once no lease of that member is left
+    to claim: a member that comes back within the TTL gets a share at once.
+
+    Regression (failover benchmark, half full): the leader that had reclaimed the previous
+    leader's seats held every free seat for up to a lease TTL; when it was killed in turn,
+    the survivors had room for one of its five clients, and the other four waited 2.2 s
+    for its allocation to be reclaimed.
+    """
+    import dataclasses
+
+    from .seats import MAJORITY
+
+    config = dataclasses.replace(make_seat_config(seed, 3, "any", lease_ttl=60), clients=0,
+                                 majority_count=12, preference=None)
+    cluster = SeatCluster(config)
+    cluster.run(8.0)
+    leader = cluster.leaders()[0]
+    gone = next(name for name in cluster.names if name != leader.name)
+    cluster.crash(gone)
+    cluster.run(6.0)
+    assert leader.pool.record.allocation(MAJORITY, gone) == 0
+    kept = leader.pool.steward._kept_seats(MAJORITY)
+    assert kept > 0
+    cluster.start(gone)
+    cluster.run(8.0)
+    cluster.check()
+    assert cluster.leaders()[0] is leader
+    assert leader.pool.steward._kept_seats(MAJORITY) == kept
+    assert leader.pool.record.allocation(MAJORITY, gone) >= 2
