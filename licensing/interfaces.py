@@ -107,6 +107,11 @@ class IPool(Interface):
     def usage(feature: str) -> dict[str, dict]:
         """Per member: {"allocation": n, "used": n} of ``feature``, as this server knows it."""
 
+    def awaiting_leader() -> bool:
+        """True while this member knows no live leader: an election is on, or the
+        leader it follows has been silent for two peer heartbeats (it died, or is
+        cut off from us), so an election is about to start."""
+
 
 class IPeerNetwork(Interface):
     """How a pool member reaches the others: one Raft message per call.

@@ -447,15 +447,23 @@ class LicenseServer:
         here, or for this new leader's first commit (NoQuorum), is tried
         again every CLAIM_POLL: borrowing takes a few peer heartbeats, far
         less than the retry-after the client would otherwise sleep through.
+        So is a claim that reaches a follower while the pool has no live
+        leader (the leader died, an election is on): answered unknown at
+        once, its client would sleep a failover round before it asked again;
+        held, it is converted here the moment this member wins, or answered
+        unknown the moment another member leads, and the client goes on to
+        that member at once.
         """
+        assert self.pool is not None
         while True:
             try:
                 answer, seats_coming = await self._convert_once(client_id, claim)
             except NoQuorum:
-                if not self._may_hold(deadline) or self.pool is None or self.pool.role != "leader":
+                if not self._may_hold(deadline) or self.pool.role != "leader":
                     raise
             else:
-                if not seats_coming or not self._may_hold(deadline):
+                electing = answer[1] == commands.UNKNOWN and self.pool.awaiting_leader()
+                if not (seats_coming or electing) or not self._may_hold(deadline):
                     return answer
             await deferLater(self.clock, CLAIM_POLL)
 

@@ -615,6 +615,55 @@ def test_a_new_leader_holds_claims_until_it_may_issue(solo: Solo, monkeypatch) -
     assert results == [[("d" * 32, commands.CONVERTED, 30.0)]]
 
 
+def test_a_pool_of_one_provides_ipool(solo: Solo) -> None:
+    from zope.interface.verify import verifyObject
+
+    from licensing.interfaces import IPool
+
+    assert verifyObject(IPool, solo.pool)
+    assert not solo.pool.awaiting_leader()
+
+
+def test_a_follower_holds_claims_while_the_pool_has_no_live_leader(solo: Solo, monkeypatch) -> None:
+    """A claim reaching a follower during an election is converted the moment this member
+    wins, not answered unknown for the client to ask again a failover round later."""
+    electing = [True]
+    monkeypatch.setattr(solo.pool, "role", "follower")
+    monkeypatch.setattr(solo.pool, "awaiting_leader", lambda: electing[0])
+    results = _pending(solo.server.heartbeat("c2", [], [claim("d" * 32)], claim_wait=1.0))
+    solo.clock.advance(0.3)
+    assert results == []
+    monkeypatch.setattr(solo.pool, "role", "leader")
+    electing[0] = False
+    solo.clock.advance(0.05)
+    assert results == [[("d" * 32, commands.CONVERTED, 30.0)]]
+
+
+def test_a_follower_answers_unknown_once_another_member_leads(solo: Solo, monkeypatch) -> None:
+    """Held only while no member leads; then unknown at once, so the client goes on to the
+    new leader; and never past ``claim_wait``. With a live leader: unknown at once."""
+    electing = [True]
+    monkeypatch.setattr(solo.pool, "role", "follower")
+    monkeypatch.setattr(solo.pool, "awaiting_leader", lambda: electing[0])
+    results = _pending(solo.server.heartbeat("c2", [], [claim("d" * 32)], claim_wait=1.0))
+    solo.clock.advance(0.2)
+    assert results == []
+    electing[0] = False
+    solo.clock.advance(0.05)
+    assert results == [[("d" * 32, commands.UNKNOWN, 0.0)]]
+
+    electing[0] = True
+    results = _pending(solo.server.heartbeat("c2", [], [claim("e" * 32)], claim_wait=0.5))
+    solo.clock.advance(0.45)
+    assert results == []
+    solo.clock.advance(0.1)
+    assert results == [[("e" * 32, commands.UNKNOWN, 0.0)]]
+
+    electing[0] = False
+    assert resolve(solo.server.heartbeat("c2", [], [claim("f" * 32)], claim_wait=1.0)) == [
+        ("f" * 32, commands.UNKNOWN, 0.0)]
+
+
 @pytest.mark.parametrize("wait", [-0.1, 2.5, float("nan")])
 def test_claim_wait_out_of_range_is_a_bad_request(solo: Solo, wait: float) -> None:
     with pytest.raises(BadRequest, match="claim_wait"):

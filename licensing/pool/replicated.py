@@ -269,6 +269,13 @@ class ReplicatedPool:
             source = held.server if held else None
             self._propose(entries.adopt_entry(lease_doc(lease), source, self.name))
 
+    def awaiting_leader(self) -> bool:
+        node = self.node
+        if node.role == "leader":
+            return False
+        heard = node.last_contact().get(node.leader) if node.leader is not None else None
+        return heard is None or self.clock.seconds() - heard > 2 * self.timings.peer_heartbeat
+
     def usage(self, feature: str) -> dict[str, dict[str, int]]:
         out = {}
         for name in self.member_addresses:

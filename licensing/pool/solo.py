@@ -97,6 +97,10 @@ class SoloPool:
     def lease_adopted(self, lease: Any) -> None:
         """Nothing to record beyond the store."""
 
+    def awaiting_leader(self) -> bool:
+        """A pool of one always leads."""
+        return False
+
     def usage(self, feature: str) -> dict[str, dict[str, int]]:
         seats = self.server.seats
         return {self.server.name: {"allocation": seats.allocation(feature), "used": seats.used(feature)}}

@@ -300,3 +300,33 @@ def test_free_seats_spread_while_reclaimed_seats_are_kept(seed: int) -> None:
     assert cluster.leaders()[0] is leader
     assert leader.pool.steward._kept_seats(MAJORITY) == kept
     assert leader.pool.record.allocation(MAJORITY, gone) >= 2
+
+
+def test_members_provide_ipool_and_know_when_no_leader_lives() -> None:
+    """``awaiting_leader`` (a follower then holds claims, see LicenseServer._convert) is true
+    from two silent peer heartbeats after the leader dies until a new leader is heard."""
+    import dataclasses
+
+    from zope.interface.verify import verifyObject
+
+    from licensing.interfaces import IPool
+
+    config = dataclasses.replace(make_seat_config(0, 3, "any"), clients=0, preference=None)
+    cluster = SeatCluster(config)
+    cluster.run(8.0)
+    leader = cluster.leaders()[0]
+    followers = [m for m in cluster.members.values() if m is not leader]
+    for member in cluster.members.values():
+        assert verifyObject(IPool, member.pool)
+        assert not member.pool.awaiting_leader()
+    cluster.crash(leader.name)
+    cluster.run(0.2)
+    assert not any(f.pool.awaiting_leader() for f in followers)
+    cluster.run(0.3)
+    assert all(f.pool.awaiting_leader() for f in followers)
+    for _ in range(100):
+        cluster.run(0.05)
+        if not any(f.pool.awaiting_leader() for f in followers):
+            break
+    new = [f for f in followers if f.pool.role == "leader"]
+    assert len(new) == 1 and all(f.pool.leader == new[0].name for f in followers)
