@@ -11,7 +11,8 @@ status about every 100 ms.
 
 Each repetition: place the fleet's leases evenly on the members (``level``
 leases in all, a third on each); wait for a steady pool (one leader for
-1.5 s, every member caught up and acting on the feature); ``kill -9`` the
+1.5 s, every member caught up and acting on the feature, the leader's
+allocations of the feature unchanged for 2 s); ``kill -9`` the
 leader; measure; restart the killed member. What is measured, from the kill:
 
 - ``leader``: until both survivors name the same new leader, which says it leads;
@@ -72,6 +73,10 @@ class FailoverSettings:
     probe_count: int = 300
     repetitions: int = 10
     steady_for: float = 1.5
+    seats_steady_for: float = 2.0
+    """Before a kill, the leader's allocations of ``FEATURE`` must not have changed for this
+    long (two status reports): a kill while seats are moving is the reclaim path, which the
+    full pool measures; a pool left alone is steady within a few seconds."""
     observer_interval: float = 0.1
     window: float = 20.0
     grace: float = 0.5
@@ -314,15 +319,21 @@ class Failover:
         return dict(zip(names, self._status.map(lambda n: fetch(self.box, n), names), strict=True))
 
     def steady(self, timeout: float = 30.0) -> str:
-        """The leader, once every member names it for ``steady_for`` s, all caught up and acting."""
+        """The leader, once every member names it for ``steady_for`` s, all caught up and acting,
+        and its allocations of ``FEATURE`` have stayed as they are for ``seats_steady_for`` s."""
         deadline = time.monotonic() + timeout
         seen, since = None, time.monotonic()
+        seats, seats_since = None, time.monotonic()
         while time.monotonic() < deadline:
             docs = self.statuses(MEMBERS)
             leader = agreed_leader(docs)
+            shares = {m: u["allocation"] for m, u in seats_of(docs.get(leader) if leader else None).items()}
+            if shares != seats:
+                seats, seats_since = shares, time.monotonic()
             if leader != seen:
                 seen, since = leader, time.monotonic()
-            elif leader is not None and time.monotonic() - since >= self.settings.steady_for:
+            elif (leader is not None and time.monotonic() - since >= self.settings.steady_for
+                  and time.monotonic() - seats_since >= self.settings.seats_steady_for):
                 own = {(next(m for m in doc["members"] if m["name"] == name)["commit_index"])
                        for name, doc in docs.items() if doc is not None}
                 if len(own) == 1 and all(acting(doc) for doc in docs.values()):
