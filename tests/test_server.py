@@ -624,12 +624,19 @@ def test_a_pool_of_one_provides_ipool(solo: Solo) -> None:
     assert not solo.pool.awaiting_leader()
 
 
-def test_a_follower_holds_claims_while_the_pool_has_no_live_leader(solo: Solo, monkeypatch) -> None:
-    """A claim reaching a follower during an election is converted the moment this member
-    wins, not answered unknown for the client to ask again a failover round later."""
+@pytest.fixture
+def electing(solo: Solo, monkeypatch) -> list[bool]:
+    """Make the pool a follower that awaits a leader while ``electing[0]`` is true."""
     electing = [True]
     monkeypatch.setattr(solo.pool, "role", "follower")
     monkeypatch.setattr(solo.pool, "awaiting_leader", lambda: electing[0])
+    return electing
+
+
+def test_a_follower_holds_claims_while_the_pool_has_no_live_leader(
+        solo: Solo, electing: list[bool], monkeypatch) -> None:
+    """A claim reaching a follower during an election is converted the moment this member
+    wins, not answered unknown for the client to ask again a failover round later."""
     results = _pending(solo.server.heartbeat("c2", [], [claim("d" * 32)], claim_wait=1.0))
     solo.clock.advance(0.3)
     assert results == []
@@ -639,12 +646,9 @@ def test_a_follower_holds_claims_while_the_pool_has_no_live_leader(solo: Solo, m
     assert results == [[("d" * 32, commands.CONVERTED, 30.0)]]
 
 
-def test_a_follower_answers_unknown_once_another_member_leads(solo: Solo, monkeypatch) -> None:
+def test_a_follower_answers_unknown_once_another_member_leads(solo: Solo, electing: list[bool]) -> None:
     """Held only while no member leads; then unknown at once, so the client goes on to the
     new leader; and never past ``claim_wait``. With a live leader: unknown at once."""
-    electing = [True]
-    monkeypatch.setattr(solo.pool, "role", "follower")
-    monkeypatch.setattr(solo.pool, "awaiting_leader", lambda: electing[0])
     results = _pending(solo.server.heartbeat("c2", [], [claim("d" * 32)], claim_wait=1.0))
     solo.clock.advance(0.2)
     assert results == []

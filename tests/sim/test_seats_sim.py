@@ -209,6 +209,17 @@ def test_minority_mode_keeps_a_healthy_majority() -> None:
         assert cluster.healthy_majority()
 
 
+def quiet_pool(seed: int, majority_count: int = 9, lease_ttl: int | None = None) -> SeatCluster:
+    """Three members, no clients, no preferred member, after 8 s: a steady pool to act on by hand."""
+    import dataclasses
+
+    config = dataclasses.replace(make_seat_config(seed, 3, "any", lease_ttl=lease_ttl), clients=0,
+                                 majority_count=majority_count, preference=None)
+    cluster = SeatCluster(config)
+    cluster.run(8.0)
+    return cluster
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_free_seats_spread_back_to_a_restarted_member(seed: int) -> None:
     """Free seats do not stay where a reclaim left them: a member that was down gets a share
@@ -218,14 +229,10 @@ def test_free_seats_spread_back_to_a_restarted_member(seed: int) -> None:
     one member; when it died, its clients' claims waited 2.2 s for its allocation to be
     reclaimed although the pool had room.
     """
-    import dataclasses
-
     from .seats import MAJORITY
 
-    config = dataclasses.replace(make_seat_config(seed, 3, "any"), clients=0, majority_count=9,
-                                 preference=None)
-    cluster = SeatCluster(config)
-    cluster.run(8.0)
+    cluster = quiet_pool(seed)
+    config = cluster.config
     leader = cluster.leaders()[0]
     gone = next(name for name in cluster.names if name != leader.name)
     cluster.crash(gone)
@@ -245,14 +252,9 @@ def test_a_shrunk_member_tells_the_leader_at_once(seed: int) -> None:
     """A member that applied an entry shrinking its allocation sends its note to the leader
     right away: the leader hands the seats on only once it knows, and waiting for the next
     status report added up to a second to every move (borrowing for claims included)."""
-    import dataclasses
-
     from .seats import MAJORITY
 
-    config = dataclasses.replace(make_seat_config(seed, 3, "any"), clients=0, majority_count=9,
-                                 preference=None)
-    cluster = SeatCluster(config)
-    cluster.run(8.0)
+    cluster = quiet_pool(seed)
     leader = cluster.leaders()[0]
     giver = next(m for m in cluster.members.values() if m is not leader)
     before = giver.pool.record.shrunk_at.get(giver.name, 0)
@@ -279,14 +281,9 @@ def test_free_seats_spread_while_reclaimed_seats_are_kept(seed: int) -> None:
     the survivors had room for one of its five clients, and the other four waited 2.2 s
     for its allocation to be reclaimed.
     """
-    import dataclasses
-
     from .seats import MAJORITY
 
-    config = dataclasses.replace(make_seat_config(seed, 3, "any", lease_ttl=60), clients=0,
-                                 majority_count=12, preference=None)
-    cluster = SeatCluster(config)
-    cluster.run(8.0)
+    cluster = quiet_pool(seed, majority_count=12, lease_ttl=60)
     leader = cluster.leaders()[0]
     gone = next(name for name in cluster.names if name != leader.name)
     cluster.crash(gone)
@@ -305,15 +302,11 @@ def test_free_seats_spread_while_reclaimed_seats_are_kept(seed: int) -> None:
 def test_members_provide_ipool_and_know_when_no_leader_lives() -> None:
     """``awaiting_leader`` (a follower then holds claims, see LicenseServer._convert) is true
     from two silent peer heartbeats after the leader dies until a new leader is heard."""
-    import dataclasses
-
     from zope.interface.verify import verifyObject
 
     from licensing.interfaces import IPool
 
-    config = dataclasses.replace(make_seat_config(0, 3, "any"), clients=0, preference=None)
-    cluster = SeatCluster(config)
-    cluster.run(8.0)
+    cluster = quiet_pool(0)
     leader = cluster.leaders()[0]
     followers = [m for m in cluster.members.values() if m is not leader]
     for member in cluster.members.values():
@@ -338,14 +331,9 @@ def test_borrowing_moves_at_message_speed(seed: int) -> None:
     message that makes it possible, not the leader's next peer-heartbeat round: a claim
     one seat short at a new leader waited three rounds and then its client's retry-after
     (failover benchmark, half full: 1.3-1.4 s after the election)."""
-    import dataclasses
-
     from .seats import MAJORITY
 
-    config = dataclasses.replace(make_seat_config(seed, 3, "any"), clients=0, majority_count=9,
-                                 preference=None)
-    cluster = SeatCluster(config)
-    cluster.run(8.0)
+    cluster = quiet_pool(seed)
     leader = cluster.leaders()[0]
     asker = next(m for m in cluster.members.values() if m is not leader)
     before = asker.pool.record.allocation(MAJORITY, asker.name)
