@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+STEP_SPACING = 0.01
+"""Seconds between two steps ``step_soon`` asks for, at least: a claim storm (every claim
+short of a seat asks for seats) must not make the leader step on every reactor turn."""
+
 MIN_EVEN_OUT = 2
 """Seats one evening-out move gives at least: moving single seats around a small pool
 buys no failover time and costs two log entries each."""
@@ -93,6 +97,7 @@ class SeatSteward:
         """Leader: feature -> when it last asked a member to pledge free seats to even them out."""
         self._soon: Any = None
         """Leader: the step ``step_soon`` scheduled, while it is pending."""
+        self._stepped_at = float("-inf")
 
     def _fenced(self, member: str) -> bool:
         return self._clock.seconds() >= self._fenced_at(member)
@@ -350,7 +355,8 @@ class SeatSteward:
         """
         if self._node.role != "leader" or (self._soon is not None and self._soon.active()):
             return
-        self._soon = self._clock.callLater(0, self.step)
+        wait = max(0.0, self._stepped_at + STEP_SPACING - self._clock.seconds())
+        self._soon = self._clock.callLater(wait, self.step)
 
     def stop(self) -> None:
         """The member stops: no step may run after it."""
@@ -361,6 +367,7 @@ class SeatSteward:
     def step(self) -> None:
         """Leader, every peer heartbeat and when ``step_soon`` asks: reclaim from fenced
         members, move pledged and free seats."""
+        self._stepped_at = self._clock.seconds()
         lic = self._record.license
         if self._kept:
             self.set_allocations()  # kept seats whose time is up become ordinary free seats
