@@ -135,7 +135,6 @@ class ReplicatedPool:
         for loop in (self._loop, self._steward_loop):
             if loop.running:
                 loop.stop()
-        self.steward.stop()
         self.node.stop()
         d = self.network.stop()
         if d is not None:
@@ -306,7 +305,6 @@ class ReplicatedPool:
                     waiter.callback(lic.sequence)
         elif kind == entries.ALLOCATION:
             self.steward.set_allocations()
-            self.steward.step_soon()
         elif kind == entries.APPLIED:
             self._settle()
             if self.record.shrunk_at.get(self.name) == detail and self._settled_at >= detail:
@@ -379,7 +377,6 @@ class ReplicatedPool:
         if isinstance(message, MemberNote):
             if message.name == sender:
                 self.notes[sender] = (self.clock.seconds(), message)
-                self.steward.step_soon()
         elif isinstance(message, LeaseReport):
             self.reports.merge(sender, message)
         elif isinstance(message, ReportAck):

@@ -31,10 +31,6 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-STEP_SPACING = 0.01
-"""Seconds between two steps ``step_soon`` asks for, at least: a claim storm (every claim
-short of a seat asks for seats) must not make the leader step on every reactor turn."""
-
 MIN_EVEN_OUT = 2
 """Seats one evening-out move gives at least: moving single seats around a small pool
 buys no failover time and costs two log entries each."""
@@ -95,9 +91,6 @@ class SeatSteward:
         """Leader: feature -> lease id -> when a claim for it last had to wait for seats."""
         self._evened_at: dict[str, float] = {}
         """Leader: feature -> when it last asked a member to pledge free seats to even them out."""
-        self._soon: Any = None
-        """Leader: the step ``step_soon`` scheduled, while it is pending."""
-        self._stepped_at = float("-inf")
 
     def _fenced(self, member: str) -> bool:
         return self._clock.seconds() >= self._fenced_at(member)
@@ -269,7 +262,6 @@ class SeatSteward:
         wanted = self._wanted.setdefault(feature, {})
         before = self._wants(feature).get(member, 0)
         wanted[member] = (max(before, count), self._clock.seconds())
-        self.step_soon()
 
     def _wants(self, feature: str, within: float | None = None) -> dict[str, int]:
         """Seats reachable members asked for lately.
@@ -342,32 +334,8 @@ class SeatSteward:
             return 0
         return min(self._record.unassigned(feature.name), feature.count - sum(bounds))  # type: ignore[arg-type]
 
-    def step_soon(self) -> None:
-        """Leader: take the next step now, not at the next peer heartbeat.
-
-        Called when a message makes a step possible: a request for seats, a
-        member's note (a pledge, or a shrink it applied), an allocation entry
-        applied. A borrow has three stages (ask a donor, shrink it, hand the
-        seats out); at one round each, a claim one seat short at a new leader
-        waited half a second or more (failover benchmark, half full). Any
-        number of calls before it runs make one step; the rounds go on too,
-        for what only time makes possible (fencing, kept seats running out).
-        """
-        if self._node.role != "leader" or (self._soon is not None and self._soon.active()):
-            return
-        wait = max(0.0, self._stepped_at + STEP_SPACING - self._clock.seconds())
-        self._soon = self._clock.callLater(wait, self.step)
-
-    def stop(self) -> None:
-        """The member stops: no step may run after it."""
-        if self._soon is not None and self._soon.active():
-            self._soon.cancel()
-        self._soon = None
-
     def step(self) -> None:
-        """Leader, every peer heartbeat and when ``step_soon`` asks: reclaim from fenced
-        members, move pledged and free seats."""
-        self._stepped_at = self._clock.seconds()
+        """Leader, every peer heartbeat: reclaim from fenced members, move pledged and free seats."""
         lic = self._record.license
         if self._kept:
             self.set_allocations()  # kept seats whose time is up become ordinary free seats

@@ -148,6 +148,10 @@ REGRESSIONS = [
     # pool: seats given back by a member on a lossy link stayed unassigned until it
     # confirmed, and a hand-over to a preferred member restarted the waiting claims.
     pytest.param(1108, 3, SOAK, None, id="seed1108-nodes3-minority-soak-lossy-giver-handover"),
+    # A leader that moved seats as soon as a message allowed it (SeatSteward.step_soon,
+    # tried on 2026-12-04 and taken out again) let a failed member's client claim in vain
+    # for a whole TTL after a change of leader, while the seats it borrowed went elsewhere.
+    pytest.param(972, 3, SOAK, None, id="seed972-nodes3-minority-soak-claim-starved-after-handover"),
 ]
 
 
@@ -323,24 +327,3 @@ def test_members_provide_ipool_and_know_when_no_leader_lives() -> None:
             break
     new = [f for f in followers if f.pool.role == "leader"]
     assert len(new) == 1 and all(f.pool.leader == new[0].name for f in followers)
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_borrowing_moves_at_message_speed(seed: int) -> None:
-    """Each stage of a borrow (ask a donor, shrink it, hand the seats out) follows the
-    message that makes it possible, not the leader's next peer-heartbeat round: a claim
-    one seat short at a new leader waited three rounds and then its client's retry-after
-    (failover benchmark, half full: 1.3-1.4 s after the election)."""
-    from .seats import MAJORITY
-
-    cluster = quiet_pool(seed)
-    leader = cluster.leaders()[0]
-    asker = next(m for m in cluster.members.values() if m is not leader)
-    before = asker.pool.record.allocation(MAJORITY, asker.name)
-    started = cluster.clock.seconds()
-    asker.pool.steward.request_seats(MAJORITY, 2)
-    while asker.pool.record.allocation(MAJORITY, asker.name) < before + 2:
-        assert cluster.clock.seconds() - started < 2.0, "the borrow did not complete"
-        cluster.run(0.005)
-    cluster.check()
-    assert cluster.clock.seconds() - started < 0.3
