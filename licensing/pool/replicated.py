@@ -271,10 +271,8 @@ class ReplicatedPool:
 
     def awaiting_leader(self) -> bool:
         node = self.node
-        if node.role == "leader":
-            return False
-        heard = node.last_contact().get(node.leader) if node.leader is not None else None
-        return heard is None or self.clock.seconds() - heard > 2 * self.timings.peer_heartbeat
+        return node.role != "leader" and (
+            node.leader is None or node.leader not in node.reachable(2 * self.timings.peer_heartbeat))
 
     def usage(self, feature: str) -> dict[str, dict[str, int]]:
         out = {}

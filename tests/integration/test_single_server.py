@@ -316,7 +316,7 @@ def test_license_install_into_a_stopped_store(sandbox) -> None:
 
 def test_a_member_that_cannot_start_says_why(sandbox) -> None:
     """A config error stops twistd before its log opens: the sandbox's error carries what
-    twistd wrote on stderr, naming the file, section and key, and no store is created."""
+    twistd wrote (on stdout, as it happens), naming the file, section and key, and no store is created."""
     box = sandbox()
     box.ini.write_text(box.ini.read_text().replace("preference = 1", "preference = first"))
     with pytest.raises(RuntimeError) as caught:
